@@ -1,0 +1,75 @@
+"""Exponential moving average of a trained module's weights, kept per rank (works on sharded parameters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..method import Phase
+from ..registry import CALLBACKS
+from .base import Callback
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # DTensor shard under FSDP2
+
+
+@CALLBACKS.register("ema")
+class EMA(Callback):
+    """``shadow = decay * shadow + (1 - decay) * param`` after every step of every phase that trains ``module``.
+
+    The shadow restarts from the live weights at each phase start. ``swap(modules)`` exchanges live and shadow
+    weights (call it twice to swap back), for evaluating or exporting the average.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        module: str = "student"
+        decay: float = 0.999
+        warmup: bool = True
+        """Use ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the initial weights."""
+
+    def __init__(self, config: Config, *, out_dir: Any = None) -> None:
+        self.config = config
+        self.shadow: dict[str, Tensor] = {}
+        self.updates = 0
+
+    def _params(self, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+        module = modules.get(self.config.module)
+        if module is None:
+            return {}
+        return {n: p for n, p in module.named_parameters() if p.requires_grad or n in self.shadow}
+
+    def on_phase_start(self, *, modules: dict[str, nn.Module], **_: Any) -> None:
+        if not self.shadow:  # not restored from a checkpoint
+            self.shadow = {n: _local(p.detach()).clone().float() for n, p in self._params(modules).items()}
+            self.updates = 0
+
+    @torch.no_grad()
+    def on_step_end(self, *, modules: dict[str, nn.Module], **_: Any) -> None:
+        self.updates += 1
+        n = self.updates
+        decay = min(self.config.decay, (1 + n) / (10 + n)) if self.config.warmup else self.config.decay
+        for name, p in self._params(modules).items():
+            self.shadow[name].lerp_(_local(p.detach()).float(), 1 - decay)
+
+    def on_phase_end(self, **_: Any) -> None:
+        self.shadow = {}
+
+    @torch.no_grad()
+    def swap(self, modules: dict[str, nn.Module]) -> None:
+        for name, p in self._params(modules).items():
+            local = _local(p.detach())
+            tmp = local.clone()
+            local.copy_(self.shadow[name].to(local.dtype))
+            self.shadow[name] = tmp.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow = state["shadow"]
+        self.updates = state["updates"]

@@ -1,0 +1,88 @@
+"""``lightning-distill``: train, validate, components.
+
+Exit codes: 0 done, 2 user error (one clear message; ``--debug`` shows the traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from .errors import UserError
+
+EPILOG = """examples:
+  lightning-distill train recipes/debug.yaml --out runs/debug
+  lightning-distill train recipes/debug.yaml --out runs/debug train.batch_size=8 fabric.devices=2
+  lightning-distill validate recipes/debug.yaml schedule.stages.0.phases.0.steps=10
+  lightning-distill components loss
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-distill",
+        description="Progressive adversarial diffusion distillation (SDXL-Lightning) with Lightning Fabric.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a recipe (re-running on the same --out resumes)")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", help="KEY=VALUE dotted overrides, e.g. train.batch_size=8")
+    train.add_argument("--out", help="run folder (default: the recipe's 'out')")
+    validate = sub.add_parser("validate", help="validate a recipe and print it resolved")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*")
+    components = sub.add_parser("components", help="list registered components and their settings")
+    components.add_argument("role", nargs="?", help="only this role (teacher, loss, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Options may follow KEY=VALUE overrides; argparse's nargs="*" positional would stop at them.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        unknown = [a for a in extra if a.startswith("-")]
+        if unknown or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    from .run import set_up_logging
+
+    set_up_logging(args.debug)
+    try:
+        return _dispatch(args)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .recipe import dump_recipe, load_recipe
+    from .run import describe_components, run_folder, train
+
+    if args.command == "components":
+        print(describe_components(args.role))
+        return 0
+    loaded = load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        print(dump_recipe(loaded.resolved), end="")
+        return 0
+    out_dir = run_folder(loaded, args.out)
+    metrics = train(loaded, out_dir)
+    if metrics:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("loss/"))
+        print(f"done: {out_dir} ({summary})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Fabric construction: single device, DDP, or FSDP2 (``ModelParallelStrategy`` + ``fully_shard``).
+
+Sharding follows the network: a module may define ``fsdp_units() -> list[nn.Module]`` naming the submodules
+that become their own FSDP2 units (transformer blocks, res-blocks); the module itself becomes the root unit.
+Frozen modules (the teacher) are sharded too and simply get no optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .recipe import FabricConfig
+
+
+def parallelize(module: nn.Module, device_mesh: Any) -> nn.Module:
+    """FSDP2 ``parallelize_fn``: shard each ``fsdp_units()`` submodule, then the module itself."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    units = getattr(module, "fsdp_units", None)
+    for unit in units() if units else []:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def strategy_name(config: FabricConfig) -> str:
+    if config.strategy != "auto":
+        return config.strategy
+    return "single" if config.devices * config.num_nodes == 1 else "ddp"
+
+
+def build_fabric(config: FabricConfig, callbacks: list[Any]) -> Any:
+    """A Fabric for the recipe's devices, precision and strategy (not yet launched)."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+
+    name = strategy_name(config)
+    strategy: Any
+    if name == "fsdp2":
+        strategy = ModelParallelStrategy(
+            parallelize_fn=parallelize,
+            data_parallel_size=config.devices * config.num_nodes,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=config.distributed_checkpoint,
+        )
+    elif name == "ddp":
+        strategy = DDPStrategy(start_method="popen")
+    else:
+        strategy = "auto"
+    return Fabric(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=strategy,
+        precision=config.precision,
+        callbacks=callbacks,
+    )
+
+
+def uses_wrapper(fabric: Any) -> bool:
+    """Whether set-up modules are wrapped (DDP) rather than sharded in place or left alone."""
+    from lightning.fabric.strategies import DDPStrategy
+
+    return isinstance(fabric.strategy, DDPStrategy)

@@ -1,0 +1,137 @@
+"""The one generic Fabric loop. It knows phases, modules and optimizers by name; the method owns the maths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from .checkpoint import Artifacts, Checkpoints, rng_state, set_rng_state
+from .config import Spec
+from .data import make_loader
+from .method import Method, Phase
+from .recipe import Recipe
+
+
+def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dict[str, float]:
+    """Run every phase of the recipe's schedule, resuming from the newest checkpoint in ``out_dir``.
+
+    Returns the metrics of the last logged step.
+    """
+    cfg = recipe.train
+    phases: list[Phase] = recipe.schedule.build().phases()
+    ckpts = Checkpoints(out_dir / "checkpoints", fabric, cfg.keep_last)
+    artifacts = Artifacts(out_dir / "phases", fabric, {p.index: p.name for p in phases})
+    ckpts.clean_partial()
+    resume = ckpts.latest()
+    meta = ckpts.meta(resume) if resume else {"step": 0, "phase": -1}
+    step: int = meta["step"]
+
+    dataset = recipe.data.build(seed=recipe.seed)
+    loader = make_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=recipe.seed, fabric=fabric)
+    if resume:
+        loader.load_state_dict(ckpts.load_rank_state(resume)["loader"])
+    batches = iter(loader)
+    preview_batch = fabric.to_device(default_collate([dataset[i] for i in range(min(cfg.batch_size, len(dataset)))]))
+    codec = fabric.to_device(recipe.codec.build().eval().requires_grad_(False))
+    method: Method = recipe.method.build(phases=phases, codec=codec, seed=recipe.seed)
+    metrics: dict[str, float] = {}
+
+    fabric.call("on_fit_start", fabric=fabric, total_steps=phases[-1].end, start_step=step)
+    for phase in phases:
+        if step >= phase.end:
+            continue
+        fabric.seed_everything(recipe.seed + phase.index, verbose=False)  # same fresh modules on every rank
+        modules, optimizers = _setup_phase(fabric, method, phase, artifacts, recipe.optimizer)
+        trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phase.optimizers}
+        state = {**{f"model/{n}": modules[n] for n in phase.optimizers}, **{f"optim/{n}": o for n, o in optimizers.items()}}
+        if meta["phase"] == phase.index:  # resume inside this phase
+            own = ckpts.load(resume, state)  # type: ignore[arg-type]
+            set_rng_state(own["rng"])
+            for cb, cb_state in zip(callbacks, own["callbacks"]):
+                if cb_state is not None:
+                    cb.load_state_dict(cb_state)
+        else:  # each rank draws its own noise
+            torch.manual_seed(recipe.seed * 100_003 + phase.index * 1009 + fabric.global_rank)
+        fabric.call("on_phase_start", fabric=fabric, phase=phase, modules=modules, step=step)
+
+        while step < phase.end:
+            micro = [fabric.to_device(next(batches)) for _ in range(cfg.grad_accum)]
+            method.attach(_views(modules, active=None))
+            with fabric.autocast():
+                prepared = [method.prepare(b) for b in micro]
+            logs: dict[str, torch.Tensor] = {}
+            for name in phase.optimizers_at(step):
+                for other, params in trainable.items():  # gradients only into the module being stepped
+                    for p in params:
+                        p.requires_grad_(other == name)
+                method.attach(_views(modules, active=name))
+                module, optimizer = modules[name], optimizers[name]
+                for i, b in enumerate(prepared):
+                    with fabric.no_backward_sync(module, enabled=i + 1 < len(prepared)):
+                        with fabric.autocast():
+                            loss, extra = method.training_step(b, name)
+                        fabric.backward(loss / len(prepared))
+                    for k, v in extra.items():
+                        logs[k] = logs.get(k, 0) + v.detach().float() / len(prepared)
+                if cfg.clip_grad_norm is not None:
+                    norm = fabric.clip_gradients(module, optimizer, max_norm=cfg.clip_grad_norm)
+                    logs[f"grad_norm/{name}"] = torch.as_tensor(norm).detach().float()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                logs[f"lr/{name}"] = torch.tensor(optimizer.param_groups[0]["lr"])
+            step += 1
+            fabric.call("on_step_end", fabric=fabric, phase=phase, step=step, logs=logs, modules=modules)
+
+            if step % cfg.log_every == 0 or step == phase.end:
+                metrics = {k: float(fabric.all_reduce(v.to(fabric.device), reduce_op="mean")) for k, v in logs.items()}
+                fabric.call("on_log", fabric=fabric, phase=phase, step=step, metrics=metrics)
+            if (cfg.preview_every and step % cfg.preview_every == 0) or step == phase.end:
+                method.attach(_views(modules, active=None))
+                images = method.preview(preview_batch)
+                if images is not None:
+                    fabric.call("on_preview", fabric=fabric, phase=phase, step=step, images=images)
+            if step % cfg.checkpoint_every == 0 or step == phase.end:
+                if step == phase.end:  # before the checkpoint: a resume past this phase needs its result
+                    artifacts.save(phase.index, method.artifact())
+                own = {
+                    "rng": rng_state(),
+                    "loader": loader.state_dict(),
+                    "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
+                }
+                ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name})
+        fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
+    fabric.call("on_fit_end", fabric=fabric, step=step)
+    return metrics
+
+
+def _setup_phase(
+    fabric: Any, method: Method, phase: Phase, artifacts: Artifacts, optimizer: Spec
+) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """Build the phase's modules, hand them to the strategy, and make one optimizer per trained module."""
+    from .distributed import uses_wrapper
+
+    raw = method.build_phase(phase, artifacts)
+    modules: dict[str, nn.Module] = {}
+    for name, module in raw.items():
+        trained = name in phase.optimizers
+        if not trained:
+            module.requires_grad_(False).eval()
+        # DDP refuses modules without trainable parameters; frozen ones just move (FSDP2 shards them too).
+        modules[name] = fabric.setup_module(module) if trained or not uses_wrapper(fabric) else fabric.to_device(module)
+    optimizers = {}
+    for name, settings in phase.optimizers.items():
+        params = [p for p in modules[name].parameters() if p.requires_grad]
+        opt = optimizer.build(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        optimizers[name] = fabric.setup_optimizers(opt)
+    method.attach(modules)
+    return modules, optimizers
+
+
+def _views(modules: dict[str, nn.Module], active: str | None) -> dict[str, nn.Module]:
+    """The module being stepped goes through its strategy wrapper (DDP gradient sync); the others are called
+    unwrapped, so no wrapper waits for gradients that will never come. FSDP2 hooks live on the modules."""
+    return {n: m if n == active else getattr(m, "_original_module", m) for n, m in modules.items()}

@@ -1,0 +1,174 @@
+"""Recipes: YAML files (OmegaConf) validated against the typed config tree before anything loads.
+
+A recipe may ``extends:`` a base recipe (a path relative to itself, or a list of them); keys of the recipe
+replace those of its bases, mappings merge, lists replace. Command-line overrides are dot-lists
+(``train.batch_size=8``) applied last. ``imports:`` lists modules to import before components are looked up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import Spec, component, to_dict, validate
+from .errors import RecipeError, UserError
+from .registry import import_modules
+
+
+@dataclass(kw_only=True)
+class FabricConfig:
+    """Devices, precision and parallelism; passed to ``lightning.fabric.Fabric``."""
+
+    accelerator: str = "cpu"
+    """cpu, cuda, gpu, mps or auto."""
+    devices: int = 1
+    """Processes per node."""
+    num_nodes: int = 1
+    strategy: Literal["auto", "single", "ddp", "fsdp2"] = "auto"
+    """auto: single process for devices=1 and num_nodes=1, else ddp. fsdp2: ModelParallelStrategy + fully_shard."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    distributed_checkpoint: bool = True
+    """fsdp2 only: write sharded checkpoints (one folder, each rank its shard) rather than one gathered file."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What the generic loop owns: batching, accumulation, clipping, logging, checkpoints."""
+
+    batch_size: int = 4
+    """Samples per device per micro-batch."""
+    num_workers: int = 0
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    clip_grad_norm: float | None = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    """Steps between checkpoints; a checkpoint is also written at the end of every phase."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    preview_every: int = 0
+    """Steps between sample grids; 0: only at the end of each phase."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A whole run."""
+
+    imports: list[str] = field(default_factory=list)
+    """Modules to import before components are looked up (unpackaged code that registers components)."""
+    seed: int = 0
+    out: str | None = None
+    """Run folder; ``train --out`` takes precedence."""
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: component("method")  # type: ignore[valid-type]
+    schedule: component("schedule")  # type: ignore[valid-type]
+    data: component("data")  # type: ignore[valid-type]
+    codec: component("codec") = field(default_factory=lambda: {"name": "identity"})  # type: ignore[valid-type]
+    optimizer: component("optimizer") = field(default_factory=lambda: {"name": "adam"})  # type: ignore[valid-type]
+    callbacks: list[component("callback")] = field(  # type: ignore[valid-type]
+        default_factory=lambda: [{"name": "tensorboard"}, {"name": "progress"}]
+    )
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    resolved: dict[str, Any]
+    """The merged, interpolated tree (what ``validate`` prints and the run folder keeps)."""
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """The file and its bases as ``[(label, tree), ...]``, bases first."""
+    if path in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path))
+        raise RecipeError(f"extends forms a loop: {loop}", source=str(path))
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise UserError(f"recipe file not found: {path}{where}")
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise RecipeError(f"not valid YAML: {err}", source=str(path)) from err
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError("a recipe must be a mapping of sections at the top level", source=str(path))
+    bases = tree.pop("extends", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError("expected a path or a list of paths", path="extends", source=str(path))
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for base in bases:
+        layers += _read_yaml((path.parent / base).resolve(), (*chain, path))
+    layers.append((str(path), tree))
+    return layers
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key or not all(part for part in key.split(".")):
+            raise UserError(f"bad override {item!r}: write KEY=VALUE with a dotted key, e.g. train.batch_size=8")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)  # type: ignore[return-value]
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise UserError(f"bad override: {err}") from err
+
+
+def _has_path(tree: Any, path: str) -> bool:
+    node = tree
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  # type: ignore[assignment]
+    """Read, merge, interpolate and validate a recipe. Imports ``imports:`` modules; builds nothing."""
+    layers = _read_yaml(Path(path).resolve(), ())
+    if overrides:
+        layers.append(("command line", _parse_overrides(list(overrides))))
+
+    def source(key: str) -> str | None:
+        # The layer that set the deepest existing prefix of the key: a wrong value names the file holding it,
+        # a missing or unknown key names the file that wrote the section it belongs to.
+        parts = key.split(".") if key else []
+        for depth in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:depth])
+            for label, tree in reversed(layers):
+                if _has_path(tree, prefix):
+                    return label
+        return layers[-1][0]
+
+    try:
+        merged = OmegaConf.merge(*(OmegaConf.create(tree) for _, tree in layers))
+        resolved = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or ""
+        raise RecipeError(str(err).splitlines()[0], path=str(key), source=source(str(key))) from err
+    assert isinstance(resolved, dict)
+    imports = resolved.get("imports", [])
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise RecipeError("expected a list of module names", path="imports", source=source("imports"))
+    import_modules(imports)
+    recipe = validate(resolved, Recipe, source=source)
+    recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
+    return LoadedRecipe(recipe=recipe, resolved=to_dict(recipe))
+
+
+def dump_recipe(tree: dict[str, Any]) -> str:
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+__all__ = ["FabricConfig", "LoadedRecipe", "Recipe", "Spec", "TrainConfig", "dump_recipe", "load_recipe"]

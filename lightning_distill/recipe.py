@@ -8,6 +8,7 @@ replace those of its bases, mappings merge, lists replace. Command-line override
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,15 +112,21 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str,
     return layers
 
 
-def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``KEY=VALUE`` items as ``(dotted key, YAML value)``; list items are addressed by index (``a.0.b``)."""
+    parsed = []
     for item in overrides:
-        key = item.split("=", 1)[0]
-        if "=" not in item or not key or not all(part for part in key.split(".")):
+        key, sep, text = item.partition("=")
+        key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+        if not sep or not key or not all(part for part in key.split(".")):
             raise UserError(f"bad override {item!r}: write KEY=VALUE with a dotted key, e.g. train.batch_size=8")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)  # type: ignore[return-value]
-    except (yaml.YAMLError, OmegaConfBaseException) as err:
-        raise UserError(f"bad override: {err}") from err
+        try:
+            # OmegaConf's own value grammar: 1e-6 is a float, [a, b] a list, ${x} an interpolation
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # type: ignore[index]
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise UserError(f"bad override {item!r}: the value is not valid YAML ({err})") from err
+        parsed.append((key, value))
+    return parsed
 
 
 def _has_path(tree: Any, path: str) -> bool:
@@ -137,12 +144,14 @@ def _has_path(tree: Any, path: str) -> bool:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  # type: ignore[assignment]
     """Read, merge, interpolate and validate a recipe. Imports ``imports:`` modules; builds nothing."""
     layers = _read_yaml(Path(path).resolve(), ())
-    if overrides:
-        layers.append(("command line", _parse_overrides(list(overrides))))
+    updates = _parse_overrides(list(overrides))
 
     def source(key: str) -> str | None:
-        # The layer that set the deepest existing prefix of the key: a wrong value names the file holding it,
-        # a missing or unknown key names the file that wrote the section it belongs to.
+        # Who set the key: the command line, else the layer holding its deepest existing prefix (a wrong value
+        # names the file holding it; a missing or unknown key, the file that wrote its section).
+        key = re.sub(r"\[(\d+)\]", r".\1", key)
+        if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k, _ in updates if key):
+            return "command line"
         parts = key.split(".") if key else []
         for depth in range(len(parts), 0, -1):
             prefix = ".".join(parts[:depth])
@@ -153,10 +162,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
 
     try:
         merged = OmegaConf.merge(*(OmegaConf.create(tree) for _, tree in layers))
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or "")
+        raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
+    for key, value in updates:
+        try:
+            OmegaConf.update(merged, key, value, merge=True, force_add=True)
+        except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:
+            raise UserError(f"bad override {key}={value!r}: {str(err).splitlines()[0]}") from err
+    try:
         resolved = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "") or ""
-        raise RecipeError(str(err).splitlines()[0], path=str(key), source=source(str(key))) from err
+        key = str(getattr(err, "full_key", "") or "")
+        raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
     assert isinstance(resolved, dict)
     imports = resolved.get("imports", [])
     if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from lightning_distill.recipe import dump_recipe, load_recipe
+
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    assert RECIPES, "no recipes under recipes/"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
+def test_every_shipped_recipe_validates(path: Path):
+    loaded = load_recipe(path)
+    assert loaded.recipe.schedule.build().phases(), "a recipe must have at least one phase"
+    # the resolved tree is itself a valid recipe: it is what the run folder keeps and resumes with
+    again = path.parent / f".resolved-{path.name}"
+    try:
+        again.write_text(dump_recipe(loaded.resolved))
+        assert load_recipe(again).resolved == loaded.resolved
+    finally:
+        again.unlink(missing_ok=True)
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text((ROOT / "recipes" / "debug.yaml").read_text())
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ntrain: {batch_size: 2}\ncallbacks: [{name: progress}]\n")
+    loaded = load_recipe(child)
+    assert loaded.recipe.train.batch_size == 2
+    assert loaded.recipe.train.log_every == 2  # kept from the base
+    assert [c.name for c in loaded.recipe.callbacks] == ["progress"]
+
+
+def test_dotlist_overrides_reach_nested_lists_and_types():
+    loaded = load_recipe(ROOT / "recipes" / "debug.yaml", [
+        "train.batch_size=8", "schedule.stages.1.phases.0.lr=1e-6", "schedule.stages[0].phases[0].steps=3",
+        "method.discriminator.head.channels=8",
+    ])
+    r = loaded.recipe
+    assert r.train.batch_size == 8
+    phases = r.schedule.build().phases()
+    assert phases[0].steps == 3 and phases[1].start == 3
+    assert phases[1].optimizers["student"].lr == pytest.approx(1e-6)
+    assert r.method.config.discriminator.config.head.config.channels == 8
+
+
+def test_interpolation_resolves(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {ROOT / 'recipes' / 'debug.yaml'}\nseed: 7\ndata:\n  size: ${{seed}}\n")
+    assert load_recipe(child).recipe.data.config.size == 7
+
+
+def test_ladder_schedule_is_pure():
+    r = load_recipe(ROOT / "recipes" / "debug.yaml").recipe
+    phases = r.schedule.build().phases()
+    assert [(p.name, p.kind, p.start, p.end) for p in phases] == [
+        ("s8-mse", "mse", 0, 6), ("s4-cond", "adversarial", 6, 10), ("s4-uncond", "adversarial", 10, 14)]
+    assert phases[0].optimizers_at(0) == ["student"]
+    assert phases[1].optimizers_at(7) == ["discriminator", "student"]  # D steps before G
+    assert phases[1].options["conditional"] and not phases[2].options["conditional"]
+    assert phases[1].optimizers["student"].betas == (0.0, 0.99)
+    with pytest.raises(ValueError):
+        phases[0].optimizers_at(6)

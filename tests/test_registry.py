@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from lightning_distill import LOSSES, UserError
+from lightning_distill.registry import REGISTRIES, Registry
+
+ROLES = {"teacher", "student", "adapter", "backbone", "head", "discriminator", "loss", "schedule", "data", "codec",
+         "optimizer", "callback", "method"}
+
+
+def test_one_registry_per_role_with_a_contract():
+    assert ROLES <= set(REGISTRIES)
+    for role, registry in REGISTRIES.items():
+        assert registry.role == role
+        assert registry.__doc__ and len(registry.__doc__) > 40, role
+
+
+def test_duplicate_name_raises_unless_override():
+    reg = Registry("thing", "test registry")
+
+    @reg.register("a")
+    class A:
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+
+        @reg.register("a")
+        class B:
+            pass
+
+    @reg.register("a", override=True)
+    class C:
+        pass
+
+    assert reg.get("a") is C
+
+
+def test_unknown_name_lists_registered_and_closest():
+    with pytest.raises(UserError) as err:
+        LOSSES.get("ns_gam")
+    message = str(err.value)
+    assert "Did you mean 'ns_gan'?" in message
+    assert "mse" in message and "ns_gan" in message
+
+
+def test_plugin_package_registers_through_its_entry_point():
+    """The example package in plugins/ is installed; its components arrive with no import from our side."""
+    from importlib.metadata import entry_points
+
+    from lightning_distill.registry import HEADS, loaded_plugins
+
+    names = [ep.name for ep in entry_points(group="lightning_distill.plugins")]
+    assert "extras" in names, "pip install ./plugins/lightning-distill-extras"
+    assert "hinge" in LOSSES and "patch" in HEADS
+    assert LOSSES.get("hinge").__module__ == "lightning_distill_extras"
+    assert any(p.startswith("extras") for p in loaded_plugins)
+
+
+def test_plugin_components_train_through_the_cli(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", "recipes/debug.yaml", "--out", str(out), "method.adversarial_loss.name=hinge",
+                 "method.discriminator.head.name=patch", "schedule.stages.0.phases.0.steps=1",
+                 "schedule.stages.1.phases.0.steps=2", "schedule.stages.1.phases.1.steps=1")
+    assert result.returncode == 0, result.stderr
+    assert "loaded lightning-distill plugin extras" in result.stderr
+    assert (out / "phases" / "02-s4-uncond.safetensors").is_file()
+
+
+def test_components_command_lists_fields_and_plugins(cli):
+    result = cli("components", "loss")
+    assert result.returncode == 0, result.stderr
+    assert "hinge" in result.stdout and "margin: float = 1.0" in result.stdout
+    assert "plugins: extras" in result.stdout
+
+
+def test_recipe_imports_register_unpackaged_components(tmp_path, monkeypatch):
+    module = tmp_path / "my_components.py"
+    module.write_text(
+        "from dataclasses import dataclass\n"
+        "import torch.nn.functional as F\n"
+        "from lightning_distill import LOSSES\n"
+        "@LOSSES.register('l1_local')\n"
+        "class L1:\n"
+        "    adversarial = False\n"
+        "    @dataclass(kw_only=True)\n"
+        "    class Config:\n"
+        "        scale: float = 1.0\n"
+        "    def __init__(self, config): self.config = config\n"
+        "    def __call__(self, pred, target): return self.config.scale * F.l1_loss(pred, target)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from conftest import DEBUG_RECIPE
+
+    from lightning_distill.recipe import load_recipe
+
+    loaded = load_recipe(DEBUG_RECIPE, ["imports=[my_components]", "method.regression_loss.name=l1_local",
+                                       "method.regression_loss.scale=2.0"])
+    spec = loaded.recipe.method.config.regression_loss
+    assert spec.name == "l1_local" and spec.config.scale == 2.0
+    assert loaded.resolved["imports"] == ["my_components"]
+
+
+def test_config_of_a_registered_component_is_typed():
+    @dataclass(kw_only=True)
+    class Cfg:
+        x: int = 1
+
+    reg = Registry("thing2", "test registry")
+
+    @reg.register("k")
+    class K:
+        Config = Cfg
+
+    assert reg.get("k").Config is Cfg

@@ -1,7 +1,7 @@
 """Atomic, resumable checkpoints and phase artifacts.
 
-A checkpoint is a folder ``checkpoints/step-00000120/`` holding ``state`` (models and optimizers through
-``fabric.save``: one file, or a sharded folder under FSDP2), ``rank-K.pt`` per rank (RNG states, data-loader
+A checkpoint is a folder ``checkpoints/step-00000120/`` holding ``state-NAME`` for each trained module (its
+weights and optimizer through ``fabric.save``: one file, or a sharded folder under FSDP2), ``rank-K.pt`` per rank (RNG states, data-loader
 state, callback states) and ``meta.json``. It is written under a temporary name and renamed into place last,
 so a run killed while saving leaves the previous checkpoints intact; half-written folders are removed on the
 next start. Only the newest ``keep_last`` are kept.
@@ -86,8 +86,17 @@ class Checkpoints:
     def meta(path: Path) -> dict[str, Any]:
         return json.loads((path / "meta.json").read_text())
 
-    def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically (every rank calls this)."""
+    def save(
+        self, step: int, state: dict[str, dict[str, Any]], rank_state: dict[str, Any], meta: dict[str, Any]
+    ) -> Path:
+        """Write checkpoint ``step`` atomically (every rank calls this).
+
+        Args:
+            state: per trained module, ``{"model": module, "optimizer": optimizer}`` (saved one file or folder
+                each: sharded checkpoints hold one model apiece).
+            rank_state: this rank's own state (RNG, data loader, callbacks).
+            meta: JSON-able facts (phase index and name); ``step`` and ``world_size`` are added.
+        """
         fabric = self.fabric
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
@@ -95,7 +104,8 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         fabric.barrier()
-        fabric.save(tmp / "state", state)
+        for name, part in state.items():
+            fabric.save(tmp / f"state-{name}", part)
         torch.save(rank_state, tmp / f"rank-{fabric.global_rank}.pt")
         fabric.barrier()
         if fabric.is_global_zero:
@@ -114,7 +124,7 @@ class Checkpoints:
         fabric.barrier()
         return final
 
-    def load(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    def load(self, path: Path, state: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Load models/optimizers into ``state`` in place; return this rank's own state."""
         meta = self.meta(path)
         if meta["world_size"] != self.fabric.world_size:
@@ -122,8 +132,8 @@ class Checkpoints:
                 f"checkpoint {path} was written by {meta['world_size']} processes, this run has "
                 f"{self.fabric.world_size}; resume with the same devices x num_nodes"
             )
-        if state:
-            self.fabric.load(path / "state", state)
+        for name, part in state.items():
+            self.fabric.load(path / f"state-{name}", part)
         return self.load_rank_state(path)
 
     def load_rank_state(self, path: Path) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dic
         fabric.seed_everything(recipe.seed + phase.index, verbose=False)  # same fresh modules on every rank
         modules, optimizers = _setup_phase(fabric, method, phase, artifacts, recipe.optimizer)
         trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phase.optimizers}
-        state = {**{f"model/{n}": modules[n] for n in phase.optimizers}, **{f"optim/{n}": o for n, o in optimizers.items()}}
+        state = {n: {"model": modules[n], "optimizer": o} for n, o in optimizers.items()}
         if meta["phase"] == phase.index:  # resume inside this phase
             own = ckpts.load(resume, state)  # type: ignore[arg-type]
             set_rng_state(own["rng"])
@@ -79,6 +79,7 @@ def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dic
                         logs[k] = logs.get(k, 0) + v.detach().float() / len(prepared)
                 if cfg.clip_grad_norm is not None:
                     norm = fabric.clip_gradients(module, optimizer, max_norm=cfg.clip_grad_norm)
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
                     logs[f"grad_norm/{name}"] = torch.as_tensor(norm).detach().float()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

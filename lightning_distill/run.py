@@ -44,8 +44,11 @@ def check_run_folder(out_dir: Path, loaded: LoadedRecipe) -> None:
         )
 
 
-def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float]:
-    """Train the recipe in ``out_dir`` (resuming the run there, if any). Returns the last logged metrics."""
+def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float] | None:
+    """Train the recipe in ``out_dir`` (resuming the run there, if any).
+
+    Returns the last logged metrics on the main process, None on the others.
+    """
     from .distributed import build_fabric
     from .loop import fit
 
@@ -60,7 +63,8 @@ def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float]:
         tmp.write_text(dump_recipe(loaded.resolved))
         os.replace(tmp, out_dir / "recipe.yaml")
     fabric.barrier()
-    return fit(fabric, recipe, out_dir, callbacks)
+    metrics = fit(fabric, recipe, out_dir, callbacks)
+    return metrics if fabric.is_global_zero else None
 
 
 def describe_components(role: str | None = None) -> str:

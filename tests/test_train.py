@@ -1,0 +1,135 @@
+"""End to end through the CLI: train, TensorBoard output, kill-and-resume, a kill while saving."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEBUG_RECIPE, HELPERS, ROOT
+
+# Resumable runs use the test's kill callback (off unless $LD_KILL_AT_STEP is set), so both runs share a recipe.
+KILLABLE = ["imports=[killer]", "callbacks=[{name: kill_at_env}, {name: tensorboard}]", "train.checkpoint_every=4"]
+
+
+def _final_weights(out):
+    return {p.name: load_file(str(p)) for p in sorted((out / "phases").glob("*.safetensors"))}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}:{k} differs"
+
+
+def test_debug_recipe_trains_and_logs_to_tensorboard(cli, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = cli("train", str(DEBUG_RECIPE), "--out", str(out), "train.preview_every=3")
+    assert result.returncode == 0, result.stderr
+    assert "done:" in result.stdout
+    assert "step/s" in result.stderr and "s4-uncond" in result.stderr  # the progress bar
+    assert (out / "recipe.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000012", "step-00000014"]  # keep_last 2
+    assert json.loads((out / "checkpoints" / "step-00000014" / "meta.json").read_text())["phase_name"] == "s4-uncond"
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ["s8-mse/loss/mse", "s4-cond/loss/discriminator", "s4-uncond/loss/generator", "all/grad_norm/student"]:
+        assert tag in tags["scalars"], (tag, tags["scalars"])
+    assert [e.step for e in acc.Scalars("s8-mse/loss/mse")] == [2, 4, 6]
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in acc.Scalars("all/loss/generator"))
+    assert "s4-cond/samples" in tags["images"]
+
+
+def test_mse_phase_moves_the_student_toward_the_teacher(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", str(DEBUG_RECIPE), "--out", str(out), "schedule.stages.0.phases.0.steps=30",
+                 "schedule.stages.1.phases.0.steps=1", "schedule.stages.1.phases.1.steps=1", "train.log_every=1")
+    assert result.returncode == 0, result.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("s8-mse/loss/mse")]
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+
+
+def test_sigkill_and_rerun_ends_bit_identical_to_an_uninterrupted_run(cli, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *KILLABLE).returncode == 0
+    # step 7 lies inside the conditional adversarial phase; the newest checkpoint then is step 6 (phase end)…
+    first = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *KILLABLE, env={"LD_KILL_AT_STEP": "7"})
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert not (killed / "phases" / "01-s4-cond.safetensors").exists()
+    second = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *KILLABLE, env={"LD_KILL_AT_STEP": "11"})
+    assert second.returncode == -signal.SIGKILL  # …and again mid-phase after the step-8 checkpoint
+    assert (killed / "checkpoints" / "step-00000008").is_dir()
+    third = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *KILLABLE)
+    assert third.returncode == 0, third.stderr
+    _assert_same(_final_weights(whole), _final_weights(killed))
+
+
+KILL_DURING_SAVE = r"""
+import os, signal, sys, torch
+from pathlib import Path
+import lightning_distill.checkpoint as ck
+from lightning_distill.cli import main
+
+real_save = torch.save
+def dying_save(obj, f, *a, **k):
+    # the second checkpoint (step 8): die after the models are written, before the rank file and the rename
+    if ".tmp-step-00000008" in str(f):
+        real_save(obj, f, *a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+ck.torch.save = dying_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", str(DEBUG_RECIPE), "--out", str(out), "train.checkpoint_every=4"]
+    env = {"PYTHONPATH": str(HELPERS)}
+    import os
+
+    died = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    ckpts = out / "checkpoints"
+    assert (ckpts / ".tmp-step-00000008").is_dir()  # the half-written one
+    from lightning_distill.checkpoint import Checkpoints
+
+    class _Fabric:  # enough of Fabric for reading checkpoint folders
+        is_global_zero, global_rank, world_size = True, 0, 1
+
+        def barrier(self):
+            pass
+
+    latest = Checkpoints(ckpts, _Fabric(), keep_last=2).latest()
+    assert latest is not None and latest.name == "step-00000006"
+    state = torch.load(latest / "state-student", weights_only=False)
+    assert any(k.startswith("net.") for k in state["model"]) and state["optimizer"]["state"]
+    # and the run resumes from it, cleaning the partial folder
+    again = subprocess.run([sys.executable, "-m", "lightning_distill", *args], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert not (ckpts / ".tmp-step-00000008").exists()
+    assert (out / "phases" / "02-s4-uncond.safetensors").is_file()
+
+
+def test_gradient_accumulation_draws_accum_micro_batches_per_step(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", str(DEBUG_RECIPE), "--out", str(out), "train.grad_accum=3", "train.batch_size=2")
+    assert result.returncode == 0, result.stderr
+    loader = torch.load(out / "checkpoints" / "step-00000014" / "rank-0.pt", weights_only=False)["loader"]
+    assert loader["_sampler_iter_state"]["samples_yielded"] == 14 * 3 * 2

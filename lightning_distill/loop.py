@@ -65,25 +65,7 @@ def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dic
                 prepared = [method.prepare(b) for b in micro]
             logs: dict[str, torch.Tensor] = {}
             for name in phase.optimizers_at(step):
-                for other, params in trainable.items():  # gradients only into the module being stepped
-                    for p in params:
-                        p.requires_grad_(other == name)
-                method.attach(_views(modules, active=name))
-                module, optimizer = modules[name], optimizers[name]
-                for i, b in enumerate(prepared):
-                    with fabric.no_backward_sync(module, enabled=i + 1 < len(prepared)):
-                        with fabric.autocast():
-                            loss, extra = method.training_step(b, name)
-                        fabric.backward(loss / len(prepared))
-                    for k, v in extra.items():
-                        logs[k] = logs.get(k, 0) + v.detach().float() / len(prepared)
-                if cfg.clip_grad_norm is not None:
-                    norm = fabric.clip_gradients(module, optimizer, max_norm=cfg.clip_grad_norm)
-                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
-                    logs[f"grad_norm/{name}"] = torch.as_tensor(norm).detach().float()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                logs[f"lr/{name}"] = torch.tensor(optimizer.param_groups[0]["lr"])
+                logs.update(optimizer_step(fabric, method, modules, optimizers, trainable, name, prepared, cfg.clip_grad_norm))
             step += 1
             fabric.call("on_step_end", fabric=fabric, phase=phase, step=step, logs=logs, modules=modules)
 
@@ -107,6 +89,40 @@ def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dic
         fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
     fabric.call("on_fit_end", fabric=fabric, step=step)
     return metrics
+
+
+def optimizer_step(
+    fabric: Any,
+    method: Method,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, Any],
+    trainable: dict[str, list[nn.Parameter]],
+    name: str,
+    prepared: list[dict[str, Any]],
+    clip_grad_norm: float | None,
+) -> dict[str, torch.Tensor]:
+    """One step of optimizer ``name`` over the iteration's micro-batches; returns what to log."""
+    for other, params in trainable.items():  # gradients only into the module being stepped
+        for p in params:
+            p.requires_grad_(other == name)
+    method.attach(_views(modules, active=name))
+    module, optimizer = modules[name], optimizers[name]
+    logs: dict[str, torch.Tensor] = {}
+    for i, b in enumerate(prepared):
+        with fabric.no_backward_sync(module, enabled=i + 1 < len(prepared)):
+            with fabric.autocast():
+                loss, extra = method.training_step(b, name)
+            fabric.backward(loss / len(prepared))
+        for k, v in extra.items():
+            logs[k] = logs.get(k, 0) + v.detach().float() / len(prepared)
+    if clip_grad_norm is not None:
+        norm = fabric.clip_gradients(module, optimizer, max_norm=clip_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+        logs[f"grad_norm/{name}"] = torch.as_tensor(norm).detach().float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    logs[f"lr/{name}"] = torch.tensor(optimizer.param_groups[0]["lr"])
+    return logs
 
 
 def _setup_phase(

@@ -1,0 +1,135 @@
+"""Tier (a): every built-in component on tiny CPU configs — shapes, finiteness, gradients only where intended."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+from torch.utils.data import default_collate
+
+from conftest import DEBUG_RECIPE
+from lightning_distill.checkpoint import Artifacts
+from lightning_distill.loop import _setup_phase, _views, optimizer_step
+from lightning_distill.recipe import load_recipe
+from lightning_distill.registry import REGISTRIES
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe(DEBUG_RECIPE).recipe
+
+
+def _phase_setup(recipe, index, tmp_path):
+    fabric = Fabric(accelerator="cpu", devices=1)
+    phases = recipe.schedule.build().phases()
+    method = recipe.method.build(phases=phases, codec=recipe.codec.build(), seed=0)
+    artifacts = Artifacts(tmp_path, fabric, {p.index: p.name for p in phases})
+    for earlier in phases[:index]:  # stand-in results of the earlier phases
+        artifacts.save(earlier.index, {"student": method.build_phase(earlier, artifacts)["student"]})
+    torch.manual_seed(0)
+    modules, optimizers = _setup_phase(fabric, method, phases[index], artifacts, recipe.optimizer)
+    data = recipe.data.build(seed=0)
+    method.attach(_views(modules, None))
+    prepared = [method.prepare(default_collate([data[i] for i in range(4)]))]
+    trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phases[index].optimizers}
+    return fabric, method, modules, optimizers, trainable, prepared
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_teacher_is_frozen_and_samples_to_the_target_timestep(recipe, tmp_path):
+    _, method, modules, _, _, prepared = _phase_setup(recipe, 0, tmp_path)
+    teacher = modules["teacher"]
+    assert not any(p.requires_grad for p in teacher.parameters())
+    b = prepared[0]
+    assert b["target"].shape == b["x_t"].shape and torch.isfinite(b["target"]).all()
+    assert not b["target"].requires_grad
+    # n = teacher_steps / student_steps = 4 solver steps from t to t - ns
+    assert torch.all(b["t"] - b["t_prev"] == 1000 // 8)
+
+
+def test_mse_step_trains_only_the_student(recipe, tmp_path):
+    fabric, method, modules, optimizers, trainable, prepared = _phase_setup(recipe, 0, tmp_path)
+    teacher, student = _params(modules["teacher"]), _params(modules["student"])
+    logs = optimizer_step(fabric, method, modules, optimizers, trainable, "student", prepared, 1.0)
+    assert torch.isfinite(logs["loss/mse"]) and logs["loss/mse"] > 0
+    assert _changed(teacher, modules["teacher"]) == set()
+    assert _changed(student, modules["student"])
+
+
+@pytest.mark.parametrize("index", [1, 2], ids=["conditional", "unconditional"])
+def test_adversarial_steps_touch_only_their_module(recipe, tmp_path, index):
+    fabric, method, modules, optimizers, trainable, prepared = _phase_setup(recipe, index, tmp_path)
+    assert modules["discriminator"].conditional == (index == 1)
+    t0, s0, d0 = (_params(modules[n]) for n in ("teacher", "student", "discriminator"))
+    logs = optimizer_step(fabric, method, modules, optimizers, trainable, "discriminator", prepared, 1.0)
+    assert set(logs) >= {"loss/discriminator", "d/p_real", "d/p_fake"}
+    assert _changed(s0, modules["student"]) == set(), "a D step must leave the student unchanged"
+    assert _changed(d0, modules["discriminator"])
+    d1 = _params(modules["discriminator"])
+    logs = optimizer_step(fabric, method, modules, optimizers, trainable, "student", prepared, 1.0)
+    assert torch.isfinite(logs["loss/generator"])
+    assert _changed(d1, modules["discriminator"]) == set(), "a G step must leave the discriminator unchanged"
+    assert _changed(s0, modules["student"])
+    assert _changed(t0, modules["teacher"]) == set()
+    assert all(p.grad is None for p in modules["discriminator"].parameters())
+
+
+def test_discriminator_is_reinitialised_each_phase_and_student_carries_over(recipe, tmp_path):
+    _, method, m1, *_ = _phase_setup(recipe, 1, tmp_path / "a")
+    phases = recipe.schedule.build().phases()
+    artifacts = Artifacts(tmp_path / "a", None, {p.index: p.name for p in phases})
+    artifacts.fabric = type("F", (), {"is_global_zero": True, "barrier": lambda self: None})()
+    artifacts.save(1, {"student": m1["student"]})
+    torch.manual_seed(5)
+    m2 = method.build_phase(phases[2], artifacts)
+    s1, s2 = m1["student"].state_dict(), m2["student"].state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    # the stage's teacher is the previous stage's last student (phase 0's artifact), not the phase-1 student
+    t = m2["teacher"].denoiser.state_dict()
+    a0 = artifacts(0)
+    assert all(torch.equal(t[k], a0[f"student.net.{k}"]) for k in t)
+
+
+def test_ns_gan_matches_its_formula():
+    loss = REGISTRIES["loss"].get("ns_gan")(REGISTRIES["loss"].get("ns_gan").Config())
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    p, q = torch.sigmoid(real), torch.sigmoid(fake)
+    assert torch.allclose(loss.discriminator_loss(real, fake), (-p.log()).mean() + (-(1 - q).log()).mean())
+    assert torch.allclose(loss.generator_loss(fake), (-q.log()).mean())
+
+
+def test_optimizer_factories_build_with_phase_settings():
+    param = torch.nn.Parameter(torch.zeros(3))
+    for name in ("adam", "adamw"):
+        cls = REGISTRIES["optimizer"].get(name)
+        opt = cls(cls.Config(), [param], lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
+        assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["betas"] == (0.0, 0.99)
+
+
+def test_ema_callback_averages_and_swaps(tmp_path):
+    ema_cls = REGISTRIES["callback"].get("ema")
+    ema = ema_cls(ema_cls.Config(decay=0.5, warmup=False))
+    net = torch.nn.Linear(2, 1)
+    modules = {"student": net}
+    ema.on_phase_start(modules=modules)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.on_step_end(modules=modules)
+    assert torch.allclose(ema.shadow["weight"], start + 1.0)
+    ema.swap(modules)
+    assert torch.allclose(net.weight, start + 1.0)
+    ema.swap(modules)
+    assert torch.allclose(net.weight, start + 2.0)
+    restored = ema_cls(ema_cls.Config(decay=0.5, warmup=False))
+    restored.load_state_dict(ema.state_dict())
+    restored.on_phase_start(modules=modules)  # a resumed shadow is kept, not re-initialised
+    assert torch.allclose(restored.shadow["weight"], start + 1.0)

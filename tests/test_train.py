@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -133,3 +134,16 @@ def test_gradient_accumulation_draws_accum_micro_batches_per_step(cli, tmp_path)
     assert result.returncode == 0, result.stderr
     loader = torch.load(out / "checkpoints" / "step-00000014" / "rank-0.pt", weights_only=False)["loader"]
     assert loader["_sampler_iter_state"]["samples_yielded"] == 14 * 3 * 2
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_accumulating_run_resumes_bit_identical(cli, tmp_path):
+    """FSDP2 x 2 processes, bf16 autocast, 2 micro-batches per step: killed twice, resumed, same weights."""
+    opts = [*KILLABLE, "fabric.devices=2", "fabric.strategy=fsdp2", "fabric.precision=bf16-mixed",
+            "train.grad_accum=2", "train.batch_size=2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *opts).returncode == 0
+    for kill_at in ("5", "11"):
+        assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts, env={"LD_KILL_AT_STEP": kill_at}).returncode
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts).returncode == 0
+    _assert_same(_final_weights(whole), _final_weights(killed))

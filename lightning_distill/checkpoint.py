@@ -164,8 +164,8 @@ class Artifacts:
     def path(self, index: int) -> Path:
         return self.root / f"{index:02d}-{self.names[index]}.safetensors"
 
-    def save(self, index: int, modules: dict[str, nn.Module]) -> None:
-        flat = {f"{name}.{k}": v for name, m in modules.items() for k, v in full_state_dict(m).items()}
+    def save(self, index: int, states: dict[str, dict[str, Tensor]]) -> None:
+        flat = {f"{name}.{k}": v.contiguous() for name, state in states.items() for k, v in state.items()}
         if self.fabric.is_global_zero:
             self.root.mkdir(parents=True, exist_ok=True)
             final = self.path(index)

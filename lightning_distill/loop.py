@@ -62,7 +62,7 @@ def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dic
             micro = [fabric.to_device(next(batches)) for _ in range(cfg.grad_accum)]
             method.attach(_views(modules, active=None))
             with fabric.autocast():
-                prepared = [method.prepare(b) for b in micro]
+                prepared = [method.prepare(b, step) for b in micro]
             logs: dict[str, torch.Tensor] = {}
             for name in phase.optimizers_at(step):
                 logs.update(optimizer_step(fabric, method, modules, optimizers, trainable, name, prepared, cfg.clip_grad_norm))

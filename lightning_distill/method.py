@@ -84,16 +84,17 @@ class Method:
         """Receive the modules after the strategy set them up (wrapped, sharded, on device)."""
         self.modules = modules
 
-    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Per micro-batch work shared by every optimizer of the iteration (encoding, noise, teacher targets)."""
+    def prepare(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Per micro-batch work shared by every optimizer of iteration ``step`` (encoding, noise, teacher targets)."""
         return batch
 
     def training_step(self, batch: dict[str, Tensor], optimizer: str) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss to minimise for ``optimizer`` on a prepared micro-batch, and tensors to log."""
         raise NotImplementedError
 
-    def artifact(self) -> dict[str, nn.Module]:
-        """Modules whose full weights a finished phase hands to later ones (saved as safetensors)."""
+    def artifact(self) -> dict[str, dict[str, Tensor]]:
+        """Full state dicts a finished phase hands to later ones (every rank calls this; gather sharded weights
+        with :func:`lightning_distill.checkpoint.full_state_dict`). Saved as safetensors, keys ``NAME.KEY``."""
         return {}
 
     @torch.no_grad()

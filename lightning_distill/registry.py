@@ -97,13 +97,15 @@ TEACHERS = Registry(
 )
 STUDENTS = Registry(
     "student",
-    """Trainable denoisers. ``cls(config, *, teacher: Teacher) -> nn.Module`` with
-    ``forward(x_t, t, cond) -> (x0, eps)`` (its parameterisation converts the raw output).""",
+    """Trainable denoisers. ``cls(config, *, teacher: Teacher, prediction: str | None) -> nn.Module`` with
+    ``forward(x_t, t, cond) -> (x0, eps)`` (its parameterisation converts the raw output) and a ``net`` attribute
+    (the network an adapter is applied to).""",
 )
 ADAPTERS = Registry(
     "adapter",
-    """What of a student trains. ``cls(config) -> Adapter`` with ``apply(module) -> module`` (wrap or mark
-    trainable parameters) and ``merge(module) -> module`` (fold the adapter back into plain weights).""",
+    """What of a student trains. ``cls(config) -> Adapter`` with ``apply(module) -> module`` (inject adapters,
+    mark the trainable parameters) and ``merge_state(state_dict) -> state_dict`` (fold the adapter into plain
+    weights under the original names).""",
 )
 BACKBONES = Registry(
     "backbone",
@@ -153,9 +155,9 @@ CALLBACKS = Registry(
 )
 METHODS = Registry(
     "method",
-    """Training methods: they own the step. ``cls(config, *, fabric) -> Method`` with ``setup_phase(phase,
-    previous) -> (modules, optimizers)``, ``training_step(batch, optimizer_name) -> (loss, logs)`` and
-    ``phase_artifact() -> state dict`` (see :mod:`lightning_distill.method`).""",
+    """Training methods: they own the step. ``cls(config, *, phases, codec, seed) -> Method`` with
+    ``build_phase(phase, artifacts) -> modules``, ``prepare(batch, step)``, ``training_step(batch, optimizer_name)
+    -> (loss, logs)`` and ``artifact() -> state dicts`` (see :class:`lightning_distill.method.Method`).""",
 )
 
 REGISTRIES: dict[str, Registry] = {

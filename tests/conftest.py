@@ -36,3 +36,24 @@ def tree_snapshot(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-shaped pipeline folder (random weights, tokenizer built here) and a folder of captioned images."""
+    sys.path.insert(0, str(HELPERS))
+    from tiny_sdxl import WORDS, make_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    make_pipeline(root / "pipeline")
+    images = root / "images"
+    images.mkdir()
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        size = (24 + 4 * i, 20 + 2 * i)  # not square: exercises resize and crop
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(" ".join(rng.choice(WORDS, 5)))
+    return {"pipeline": root / "pipeline", "images": images}

@@ -25,12 +25,12 @@ def _phase_setup(recipe, index, tmp_path):
     method = recipe.method.build(phases=phases, codec=recipe.codec.build(), seed=0)
     artifacts = Artifacts(tmp_path, fabric, {p.index: p.name for p in phases})
     for earlier in phases[:index]:  # stand-in results of the earlier phases
-        artifacts.save(earlier.index, {"student": method.build_phase(earlier, artifacts)["student"]})
+        artifacts.save(earlier.index, {"student": method.build_phase(earlier, artifacts)["student"].state_dict()})
     torch.manual_seed(0)
     modules, optimizers = _setup_phase(fabric, method, phases[index], artifacts, recipe.optimizer)
     data = recipe.data.build(seed=0)
     method.attach(_views(modules, None))
-    prepared = [method.prepare(default_collate([data[i] for i in range(4)]))]
+    prepared = [method.prepare(default_collate([data[i] for i in range(4)]), phases[index].start)]
     trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phases[index].optimizers}
     return fabric, method, modules, optimizers, trainable, prepared
 
@@ -87,7 +87,7 @@ def test_discriminator_is_reinitialised_each_phase_and_student_carries_over(reci
     phases = recipe.schedule.build().phases()
     artifacts = Artifacts(tmp_path / "a", None, {p.index: p.name for p in phases})
     artifacts.fabric = type("F", (), {"is_global_zero": True, "barrier": lambda self: None})()
-    artifacts.save(1, {"student": m1["student"]})
+    artifacts.save(1, {"student": m1["student"].state_dict()})
     torch.manual_seed(5)
     m2 = method.build_phase(phases[2], artifacts)
     s1, s2 = m1["student"].state_dict(), m2["student"].state_dict()

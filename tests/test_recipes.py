@@ -7,7 +7,9 @@ import pytest
 from conftest import ROOT
 from lightning_distill.recipe import dump_recipe, load_recipe
 
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+ALL = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = [p for p in ALL if not p.name.startswith("_")]  # a leading underscore marks a base to extend
+BASES = [p for p in ALL if p.name.startswith("_")]
 
 
 def test_recipes_are_shipped():
@@ -25,6 +27,12 @@ def test_every_shipped_recipe_validates(path: Path):
         assert load_recipe(again).resolved == loaded.resolved
     finally:
         again.unlink(missing_ok=True)
+
+
+def test_every_base_is_extended_by_a_shipped_recipe():
+    texts = {p: p.read_text() for p in RECIPES}
+    for base in BASES:
+        assert any(f"extends: {base.name}" in t for p, t in texts.items() if p.parent == base.parent), base
 
 
 def test_extends_merges_mappings_and_replaces_lists(tmp_path):

@@ -46,3 +46,57 @@ class Synthetic(Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         latents = self.patterns[k] + c.noise * torch.randn(self.patterns[k].shape, generator=g)
         return {"latents": latents, "text": self.text[k], "pooled": self.text[k].mean(0)}
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@DATA.register("image_folder")
+class ImageFolder(Dataset):
+    """Images with captions in a ``.txt`` beside each (``cat.png`` + ``cat.txt``), searched recursively.
+
+    Items: ``pixels`` in ``[-1, 1]`` (shorter side resized to ``resolution``, then center-cropped square), the
+    ``caption``, and SDXL's micro-conditioning ``time_ids`` (original size, crop top-left, target size).
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        root: str
+        resolution: int = 1024
+        caption_suffix: str = ".txt"
+
+    def __init__(self, config: Config, *, seed: int = 0) -> None:
+        from pathlib import Path
+
+        from ..errors import UserError
+
+        self.config = config
+        root = Path(config.root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data.root: no folder {root}")
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise UserError(f"data.root: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        path = self.files[i]
+        caption_file = path.with_suffix(self.config.caption_suffix)
+        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            r = self.config.resolution
+            scale = r / min(w, h)
+            nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            top, left = (nh - r) // 2, (nw - r) // 2
+            im = im.crop((left, top, left + r, top + r))
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        time_ids = torch.tensor([h, w, top, left, r, r], dtype=torch.float32)
+        return {"pixels": pixels, "caption": caption, "time_ids": time_ids}

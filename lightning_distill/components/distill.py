@@ -1,8 +1,9 @@
 """Progressive adversarial diffusion distillation (SDXL-Lightning): the method that owns the step.
 
-Each stage's student learns to take, in one solver step from ``x_t`` to ``x_{t-ns}``, what the frozen teacher
-takes ``n`` steps for. A phase regresses the teacher's result (mse) or plays a GAN against a discriminator
-that sees ``x_{t-ns}`` (and ``x_t`` when conditional). A stage's final student is the next stage's teacher.
+Each stage's student learns to jump, in one solver step from ``x_t`` to ``x_{t-ns}``, where its frozen teacher
+takes several. A phase regresses the teacher's result (``mse``), plays a GAN against a discriminator that sees
+``x_{t-ns}`` and, when conditional, ``x_t`` (``adversarial``), or converts a copied epsilon network to x0 output
+(``x0_convert``). A stage's final student (its LoRA merged) is the next stage's teacher.
 """
 
 from __future__ import annotations
@@ -12,9 +13,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import Spec, component
+from ..checkpoint import full_state_dict
+from ..config import component
+from ..errors import UserError
 from ..method import ArtifactLoader, Method, Phase
 from ..registry import METHODS
+
+CAPTION_KEYS = ("caption", "pixels", "latents")
+
+
+def teacher_paths(index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000) -> Tensor:
+    """Per sample, the teacher's timesteps from the student's ``t`` to its target ``t - ns``.
+
+    The student's ``t`` is point ``index`` of a trailing grid of ``train_timesteps``; its target lies ``jump``
+    grid points later (``-1``, clean, past the end). The teacher walks there in steps of ``T / teacher_steps``.
+    Positions are fractions of the trajectory, so grids of different sizes line up exactly (trailing spacing:
+    ``t = round(T (1 - f)) - 1``). Shorter paths are padded at the front by repeating ``t`` (a step from ``t``
+    to ``t`` changes nothing), giving a ``[B, n + 1]`` tensor.
+    """
+    f = index.double() / train_timesteps
+    f_end = torch.clamp(f + jump / train_timesteps, max=1.0)
+    n = torch.ceil((f_end - f) * teacher_steps - 1e-9).long()
+    n_max = int(n.max())
+    j = torch.arange(n_max + 1, device=index.device)[None, :] - (n_max - n)[:, None]  # front padding: j < 0
+    frac = torch.minimum(f[:, None] + j.clamp(min=0).double() / teacher_steps, f_end[:, None])
+    t = torch.round(T * (1 - frac)).long() - 1
+    return torch.where(frac >= 1 - 1e-9, torch.full_like(t, -1), t)
 
 
 @METHODS.register("distill")
@@ -41,22 +65,30 @@ class ProgressiveDistillation(Method):
         self.regression = config.regression_loss.build()
         self.adversarial = config.adversarial_loss.build()
         if not getattr(self.adversarial, "adversarial", False):
-            raise TypeError(f"adversarial_loss {config.adversarial_loss.name!r} is not an adversarial loss")
+            raise UserError(f"method.adversarial_loss: {config.adversarial_loss.name!r} is not an adversarial loss")
 
     # -- phases -------------------------------------------------------------------------------------------
+    def _last_phase_of(self, stage: str) -> Phase:
+        return [p for p in self.phases if p.stage == stage][-1]
+
     def build_phase(self, phase: Phase, artifacts: ArtifactLoader) -> dict[str, nn.Module]:
         c = self.config
-        teacher_spec: Spec = c.teacher
         self.phase = phase
-        teacher = teacher_spec.build(seed=self.seed)
+        stages = list(dict.fromkeys(p.stage for p in self.phases))
+        before = stages[: stages.index(phase.stage)]
+        source = phase.options["teacher_from"] or (before[-1] if before else None)
+        teacher = c.teacher.build(seed=self.seed)
+        if source is not None:  # this stage's teacher: a previous stage's final (merged) student
+            last = self._last_phase_of(source)
+            teacher.denoiser.load_state_dict(_strip(artifacts(last.index), "student.net."))
+            teacher.prediction = last.options["prediction"] or c.student.config.prediction
         earlier = [p for p in self.phases if p.end <= phase.start]
-        previous_stage = [p for p in earlier if p.stage != phase.stage]
-        if previous_stage:  # this stage's teacher: the last student of the stage before
-            state = _strip(artifacts(previous_stage[-1].index), "student.net.")
-            teacher.denoiser.load_state_dict(state)
-        student = c.student.build(teacher=teacher)
-        if earlier:  # continue from the last phase's student
+        student = c.student.build(teacher=teacher, prediction=phase.options["prediction"])
+        if earlier:  # continue from the last phase's student (it may differ from the teacher: skip-level)
             student.load_state_dict(_strip(artifacts(earlier[-1].index), "student."))
+        adapter = phase.options["adapter"].build()
+        adapter.apply(student.net)
+        self.adapter = adapter
         modules: dict[str, nn.Module] = {"teacher": teacher, "student": student}
         if phase.kind == "adversarial":
             # Re-initialised at every phase: the paper re-initialises the discriminator at each stage, and the
@@ -64,41 +96,80 @@ class ProgressiveDistillation(Method):
             modules["discriminator"] = c.discriminator.build(teacher=teacher, conditional=phase.options["conditional"])
         return modules
 
-    def artifact(self) -> dict[str, nn.Module]:
-        return {"student": self.modules["student"]}
+    def artifact(self) -> dict[str, dict[str, Tensor]]:
+        """The student with its adapter merged: plain weights the next phase and stage load."""
+        return {"student": self.adapter.merge_state(full_state_dict(self.modules["student"]))}
 
     # -- steps --------------------------------------------------------------------------------------------
-    def _timesteps(self, batch_size: int, device: torch.device) -> Tensor:
-        """Per sample: the teacher's ``n + 1`` timesteps from a random student timestep ``t`` to ``t - ns``."""
-        o = self.phase.options
-        schedule = self.modules["teacher"].schedule
-        n = o["teacher_steps"] // o["student_steps"]
-        grid = torch.tensor([*schedule.timesteps(o["teacher_steps"]), -1], device=device)
-        j = torch.randint(0, o["student_steps"], (batch_size,), device=device)
-        return grid[j[:, None] * n + torch.arange(n + 1, device=device)]
+    def _conditioning(self, batch: dict) -> dict[str, Tensor]:
+        cond = {k: v for k, v in batch.items() if k not in CAPTION_KEYS}
+        if "caption" in batch:
+            encode_text = getattr(self.codec, "encode_text", None)
+            if encode_text is None:
+                raise UserError("the data has captions but the codec has no text encoders; use codec sdxl")
+            if "time_ids" not in cond:
+                from .sdxl import default_time_ids
+
+                h, w = batch["pixels"].shape[-2:] if "pixels" in batch else [8 * s for s in batch["latents"].shape[-2:]]
+                cond["time_ids"] = default_time_ids(h, w, len(batch["caption"]), batch.get("pixels", batch.get("latents")).device)
+            cond = {**cond, **encode_text(batch["caption"], cond["time_ids"])}
+        return cond
 
     @torch.no_grad()
-    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def prepare(self, batch: dict, step: int) -> dict:
+        o = self.phase.options
         latents = batch["latents"] if "latents" in batch else self.codec.encode(batch["pixels"])
-        cond = {k: v for k, v in batch.items() if k not in ("latents", "pixels")}
+        cond = self._conditioning(batch)
         teacher = self.modules["teacher"]
-        ts = self._timesteps(latents.shape[0], latents.device)
+        B, device = latents.shape[0], latents.device
+        index = torch.randint(0, o["train_timesteps"], (B,), device=device)
+        if self.phase.kind == "x0_convert":
+            path = teacher_paths(index, o["train_timesteps"], 0, 1, teacher.schedule.T)  # [t, t]
+        else:
+            jump = o["train_timesteps"] // o["student_steps"]
+            path = teacher_paths(index, o["train_timesteps"], jump, o["teacher_steps"], teacher.schedule.T)
+        t, t_prev = path[:, -1 if self.phase.kind == "x0_convert" else 0], path[:, -1]
         noise = torch.randn_like(latents)
-        x_t = teacher.schedule.add_noise(latents, noise, ts[:, 0], pure_noise_at_T=self.config.pure_noise_at_T)
-        target = teacher(x_t, ts, cond, self.phase.options["guidance"])
-        return {"x_t": x_t, "t": ts[:, 0], "t_prev": ts[:, -1], "target": target, "cond": cond}  # type: ignore[dict-item]
+        x_t = teacher.schedule.add_noise(latents, noise, t, pure_noise_at_T=self.config.pure_noise_at_T)
+        if self.phase.kind == "x0_convert":
+            # the x0 the original (epsilon) network implies at x_t: what the x0-parameterised copy must output
+            target = teacher.schedule.split(teacher.denoiser(x_t, t, cond), x_t, t, teacher.prediction)[0]
+        else:
+            target = teacher(x_t, path, cond, o["guidance"])
+        prepared = {"x_t": x_t, "t": t, "t_prev": t_prev, "target": target, "cond": cond}
+        if o["renoise_timesteps"] and self.phase.kind == "adversarial":
+            prepared.update(self._renoise_plan(t_prev, latents, step))
+        return prepared
+
+    def _renoise_plan(self, t_prev: Tensor, like: Tensor, step: int) -> dict[str, Tensor]:
+        """Where the target is clean, a timestep t* (weights moving linearly over the phase) and shared noise."""
+        o = self.phase.options
+        progress = (step - self.phase.start) / max(1, self.phase.steps - 1)
+        w0, w1 = torch.tensor(o["renoise_weights"]), torch.tensor(o["renoise_weights_end"])
+        weights = (1 - progress) * w0 + progress * w1
+        pick = torch.multinomial(weights.double(), like.shape[0], replacement=True).to(like.device)
+        t_star = torch.tensor(o["renoise_timesteps"], device=like.device)[pick]
+        return {"t_disc": torch.where(t_prev < 0, t_star, t_prev), "renoise": t_prev < 0, "d_noise": torch.randn_like(like)}
 
     def _student_step(self, b: dict) -> Tensor:
         x0, eps = self.modules["student"](b["x_t"], b["t"], b["cond"])
+        if self.phase.kind == "x0_convert":
+            return x0
         return self.modules["teacher"].schedule.step(x0, eps, b["t_prev"])
 
     def _discriminate(self, x_prev: Tensor, b: dict) -> Tensor:
-        return self.modules["discriminator"](x_prev, b["t_prev"], b["cond"], b["x_t"], b["t"])
+        t_prev = b["t_prev"]
+        if "t_disc" in b:  # re-noise clean samples to t*, with the same noise for real and fake
+            schedule = self.modules["teacher"].schedule
+            noised = schedule.add_noise(x_prev, b["d_noise"], b["t_disc"].clamp(min=0))
+            x_prev = torch.where(b["renoise"].reshape(-1, *[1] * (x_prev.ndim - 1)), noised, x_prev)
+            t_prev = b["t_disc"]
+        return self.modules["discriminator"](x_prev, t_prev, b["cond"], b["x_t"], b["t"])
 
     def training_step(self, batch: dict, optimizer: str) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.phase.kind == "mse":
+        if self.phase.kind in ("mse", "x0_convert"):
             loss = self.regression(self._student_step(batch), batch["target"])
-            return loss, {"loss/mse": loss.detach()}
+            return loss, {f"loss/{self.phase.kind}": loss.detach()}
         if optimizer == "discriminator":
             with torch.no_grad():
                 fake = self._student_step(batch)
@@ -117,11 +188,12 @@ class ProgressiveDistillation(Method):
         return loss, {"loss/generator": loss.detach(), "mse_to_teacher": gap}
 
     @torch.no_grad()
-    def preview(self, batch: dict[str, Tensor]) -> Tensor:
-        """The student's samples in ``student_steps`` steps from fixed noise, first three latent channels."""
+    def preview(self, batch: dict) -> Tensor:
+        """The student's samples in ``student_steps`` steps from fixed noise (first three latent channels, or
+        decoded pixels when the codec has a VAE)."""
         latents = batch["latents"] if "latents" in batch else self.codec.encode(batch["pixels"])
         n = min(self.config.preview_size, latents.shape[0])
-        cond = {k: v[:n] for k, v in batch.items() if k not in ("latents", "pixels")}
+        cond = {k: v[:n] for k, v in self._conditioning(batch).items()}
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         x = torch.randn(latents[:n].shape, generator=g).to(latents)
         schedule = self.modules["teacher"].schedule
@@ -135,3 +207,5 @@ class ProgressiveDistillation(Method):
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+

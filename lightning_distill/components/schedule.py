@@ -5,18 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..config import Spec, component
 from ..errors import UserError
 from ..method import OptimizerSettings, Phase, chain_phases
 from ..registry import SCHEDULES
+
+Prediction = Literal["epsilon", "sample", "v_prediction"]
 
 
 @dataclass(kw_only=True)
 class PhaseConfig:
     """One phase of a stage."""
 
-    kind: Literal["mse", "adversarial"]
-    """mse: regress the teacher's x_{t-ns}. adversarial: GAN with the discriminator."""
+    kind: Literal["mse", "adversarial", "x0_convert"]
+    """mse: regress the teacher's x_{t-ns}. adversarial: GAN against the discriminator. x0_convert: regress the
+    x0 the teacher implies at x_t (switches a copied epsilon network to x0 output, for 1 step)."""
     steps: int
+    adapter: component("adapter") = field(default_factory=lambda: {"name": "full"})  # type: ignore[valid-type]
+    """What of the student trains: full, or lora (merged into the weights when the phase ends)."""
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -24,21 +30,39 @@ class PhaseConfig:
     """Defaults to ``lr``."""
     discriminator_betas: tuple[float, float] | None = None
     """Defaults to ``betas``."""
+    discriminator_every: int = 1
+    """The discriminator steps every this many iterations (the student every iteration)."""
     conditional: bool = True
     """adversarial: the discriminator also sees x_t (conditional) or only x_{t-ns} (unconditional)."""
     guidance: float = 0.0
     """Teacher classifier-free guidance scale (0 or 1: none)."""
+    teacher_from: str | None = None
+    """Name of the stage whose final student is the teacher (skip-level teacher); default: the previous stage."""
+    renoise_timesteps: list[int] = field(default_factory=list)
+    """Where x_{t-ns} is clean (t-ns < 0), re-noise teacher and student samples to one of these t* before the
+    discriminator (the paper: 10, 250, 500, 750). Empty: off."""
+    renoise_weights: list[float] = field(default_factory=list)
+    """Sampling weights of ``renoise_timesteps`` at the phase start (default uniform)."""
+    renoise_weights_end: list[float] = field(default_factory=list)
+    """Weights at the phase end, reached linearly (the paper: 5:1:1:1); default: unchanged."""
     name: str | None = None
-    """Defaults to ``{stage}-{kind}`` (``-cond``/``-uncond`` for adversarial)."""
+    """Defaults to ``{stage}-{kind}`` (``-cond``/``-uncond`` for adversarial, ``-lora`` for LoRA)."""
 
 
 @dataclass(kw_only=True)
 class StageConfig:
-    """A student that takes one step where its teacher takes ``teacher_steps / student_steps``."""
+    """A student that jumps ``T / student_steps`` in one step where its teacher takes several."""
 
     name: str
-    teacher_steps: int
+    teacher_steps: int | None = None
+    """Steps of the teacher's sampler over the whole trajectory (its step size is T / teacher_steps). Required for
+    the first stage (the base model's sampler); later stages default to their teacher stage's student_steps."""
     student_steps: int
+    train_timesteps: int | None = None
+    """Student training timesteps (a trailing grid of this many); default student_steps. The paper trains 1- and
+    2-step students on 4 (t = 999, 749, 499, 249)."""
+    prediction: Prediction | None = None
+    """The student's parameterisation from this stage on; default: the previous stage's (or the student's)."""
     phases: list[PhaseConfig]
 
 
@@ -55,35 +79,64 @@ class Ladder:
 
     def phases(self) -> list[Phase]:
         specs = []
+        prediction: str | None = None
+        seen: list[str] = []
+        steps_of: dict[str, int] = {}
         for stage in self.config.stages:
-            if stage.teacher_steps % stage.student_steps:
+            where = f"schedule: stage {stage.name!r}"
+            train = stage.train_timesteps or stage.student_steps
+            teacher_steps = stage.teacher_steps or (steps_of[seen[-1]] if seen else None)
+            if teacher_steps is None:
+                raise UserError(f"{where}: the first stage needs teacher_steps (the base model's sampling steps)")
+            if train % stage.student_steps:
+                raise UserError(f"{where}: train_timesteps ({train}) must be a multiple of student_steps ({stage.student_steps})")
+            if teacher_steps % stage.student_steps:
                 raise UserError(
-                    f"schedule: stage {stage.name!r}: teacher_steps ({stage.teacher_steps}) must be a multiple of "
-                    f"student_steps ({stage.student_steps})"
+                    f"{where}: teacher_steps ({teacher_steps}) must be a multiple of student_steps ({stage.student_steps})"
                 )
+            prediction = stage.prediction or prediction
             for p in stage.phases:
-                suffix = p.kind if p.kind != "adversarial" else ("cond" if p.conditional else "uncond")
+                if p.teacher_from is not None and p.teacher_from not in seen:
+                    raise UserError(f"{where}: teacher_from {p.teacher_from!r} is not an earlier stage ({', '.join(seen) or 'none'})")
+                if p.renoise_weights and len(p.renoise_weights) != len(p.renoise_timesteps):
+                    raise UserError(f"{where}: renoise_weights needs one weight per renoise timestep")
+                if p.renoise_weights_end and len(p.renoise_weights_end) != len(p.renoise_timesteps):
+                    raise UserError(f"{where}: renoise_weights_end needs one weight per renoise timestep")
+                adapter: Spec = p.adapter
+                suffix = {"adversarial": "cond" if p.conditional else "uncond"}.get(p.kind, p.kind)
+                if adapter.name != "full":
+                    suffix += f"-{adapter.name}"
                 student = OptimizerSettings(p.lr, p.betas, p.weight_decay)
+                optimizers = {"student": student}
                 if p.kind == "adversarial":
                     disc = OptimizerSettings(
                         p.discriminator_lr if p.discriminator_lr is not None else p.lr,
                         p.discriminator_betas or p.betas,
                         p.weight_decay,
+                        every=p.discriminator_every,
                     )
                     optimizers = {"discriminator": disc, "student": student}
-                else:
-                    optimizers = {"student": student}
+                n = len(p.renoise_timesteps)
                 options = {
-                    "teacher_steps": stage.teacher_steps,
+                    "teacher_steps": steps_of[p.teacher_from] if p.teacher_from else teacher_steps,
                     "student_steps": stage.student_steps,
+                    "train_timesteps": train,
+                    "prediction": prediction,
                     "conditional": p.conditional,
                     "guidance": p.guidance,
+                    "adapter": adapter,
+                    "teacher_from": p.teacher_from,
+                    "renoise_timesteps": list(p.renoise_timesteps),
+                    "renoise_weights": list(p.renoise_weights or [1.0] * n),
+                    "renoise_weights_end": list(p.renoise_weights_end or p.renoise_weights or [1.0] * n),
                 }
                 specs.append((p.name or f"{stage.name}-{suffix}", stage.name, p.kind, p.steps, optimizers, options))
+            seen.append(stage.name)
+            steps_of[stage.name] = stage.student_steps
         if not specs:
             raise UserError("schedule: the ladder has no phases; add stages with phases")
         names = [s[0] for s in specs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise UserError(f"schedule: phase names must be unique; repeated: {', '.join(dupes)}")
+            raise UserError(f"schedule: phase names must be unique; repeated: {', '.join(dupes)}. Give phases a 'name'")
         return chain_phases(specs)

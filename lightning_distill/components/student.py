@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from ..diffusion import NoiseSchedule
@@ -23,15 +24,22 @@ class CopyStudent(nn.Module):
     @dataclass(kw_only=True)
     class Config:
         prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+        """The parameterisation of the first stage; a stage's ``prediction`` changes it from there on."""
+        dtype: Literal["float32", "bfloat16"] = "float32"
+        """Weights of the trained copy (float32 master weights are usual; precision is set in ``fabric``)."""
+        gradient_checkpointing: bool = False
 
-    def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
+    def __init__(self, config: Config, *, teacher: SamplerTeacher, prediction: str | None = None) -> None:
         super().__init__()
         self.config = config
-        self.net = copy.deepcopy(teacher.denoiser).requires_grad_(True).train()
+        self.prediction = prediction or config.prediction
+        self.net = copy.deepcopy(teacher.denoiser).to(getattr(torch, config.dtype)).requires_grad_(True).train()
+        if config.gradient_checkpointing and hasattr(self.net, "enable_gradient_checkpointing"):
+            self.net.enable_gradient_checkpointing()
         self.schedule: NoiseSchedule = teacher.schedule
 
     def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.schedule.split(self.net(x_t, t, cond).to(x_t.dtype), x_t, t, self.config.prediction)
+        return self.schedule.split(self.net(x_t, t, cond).to(x_t.dtype), x_t, t, self.prediction)  # type: ignore[arg-type]
 
     def fsdp_units(self) -> list[nn.Module]:
         units = getattr(self.net, "fsdp_units", None)

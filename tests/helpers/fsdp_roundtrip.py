@@ -54,7 +54,7 @@ def main(out_dir: Path) -> None:
         for step in range(3):
             batch = fabric.to_device(default_collate([data[(4 * step + i + fabric.global_rank) % len(data)] for i in range(4)]))
             method.attach(_views(modules, None))
-            prepared = method.prepare(batch)
+            prepared = method.prepare(batch, phase.start + step)
             for name in phase.optimizers_at(phase.start + step):
                 method.attach(_views(modules, name))
                 loss, _ = method.training_step(prepared, name)
@@ -63,7 +63,7 @@ def main(out_dir: Path) -> None:
                 optimizers[name].zero_grad()
 
     # the phase's student starts from phase 0's result: make one
-    artifacts.save(0, {"student": method.build_phase(phases[0], artifacts)["student"]})
+    artifacts.save(0, {"student": method.build_phase(phases[0], artifacts)["student"].state_dict()})
 
     fabric.seed_everything(1)
     modules, optimizers = _setup_phase(fabric, method, phase, artifacts, recipe.optimizer)

@@ -96,5 +96,5 @@ def describe_components(role: str | None = None) -> str:
 
 def set_up_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.fabric", "torch"):
+    for noisy in ("lightning", "lightning.fabric", "torch", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

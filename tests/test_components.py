@@ -24,8 +24,9 @@ def _phase_setup(recipe, index, tmp_path):
     phases = recipe.schedule.build().phases()
     method = recipe.method.build(phases=phases, codec=recipe.codec.build(), seed=0)
     artifacts = Artifacts(tmp_path, fabric, {p.index: p.name for p in phases})
-    for earlier in phases[:index]:  # stand-in results of the earlier phases
-        artifacts.save(earlier.index, {"student": method.build_phase(earlier, artifacts)["student"].state_dict()})
+    for earlier in phases[:index]:  # stand-in results of the earlier phases, each different
+        state = method.build_phase(earlier, artifacts)["student"].state_dict()
+        artifacts.save(earlier.index, {"student": {k: v + 0.01 * (earlier.index + 1) for k, v in state.items()}})
     torch.manual_seed(0)
     modules, optimizers = _setup_phase(fabric, method, phases[index], artifacts, recipe.optimizer)
     data = recipe.data.build(seed=0)
@@ -133,3 +134,101 @@ def test_ema_callback_averages_and_swaps(tmp_path):
     restored.load_state_dict(ema.state_dict())
     restored.on_phase_start(modules=modules)  # a resumed shadow is kept, not re-initialised
     assert torch.allclose(restored.shadow["weight"], start + 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRIES["loss"]))
+def test_every_registered_loss(name):
+    from lightning_distill.config import validate
+
+    cls = REGISTRIES["loss"].get(name)
+    loss = cls(validate({}, cls.Config))
+    a = torch.randn(4, requires_grad=True)
+    if getattr(loss, "adversarial", False):
+        good, bad = torch.full((4,), 3.0), torch.full((4,), -3.0)
+        # a discriminator that tells real (high) from fake (low) is rewarded; a fooled one is not
+        assert loss.discriminator_loss(good, bad) < loss.discriminator_loss(bad, good)
+        assert loss.generator_loss(good) < loss.generator_loss(bad)  # the generator wants high fake logits
+        out = loss.discriminator_loss(a, a.flip(0)) + loss.generator_loss(a)
+    else:
+        out = loss(a, torch.zeros(4))
+        assert loss(torch.zeros(4), torch.zeros(4)) == 0
+    out.backward()
+    assert torch.isfinite(out) and a.grad is not None
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRIES["head"]))
+def test_every_registered_head(name):
+    from lightning_distill.config import validate
+
+    cls = REGISTRIES["head"].get(name)
+    head = cls(validate({"channels": 32, "groups": 8}, cls.Config), in_channels=16)
+    logits = head(torch.randn(2, 16, 8, 8))
+    assert logits.shape[0] == 2 and torch.isfinite(logits).all()
+    logits.mean().backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_teacher_paths_walk_the_teachers_grid():
+    from lightning_distill.components.distill import teacher_paths
+
+    # 2-step student trained on 4 timesteps, 4-step teacher: jumps of 500 in teacher steps of 250
+    assert teacher_paths(torch.arange(4), 4, 2, 4).tolist() == [[999, 749, 499], [749, 499, 249], [499, 249, -1],
+                                                                 [249, 249, -1]]
+    # 1-step student from a 2-step teacher: everything goes to clean
+    assert teacher_paths(torch.arange(4), 4, 4, 2)[:, -1].tolist() == [-1, -1, -1, -1]
+    # the paper's first stage: 32-step student, 128-step teacher: 4 teacher steps per student step
+    assert teacher_paths(torch.tensor([0]), 32, 1, 128).tolist() == [[999, 991, 983, 976, 968]]
+
+
+def test_renoise_plan_moves_weights_and_touches_only_clean_targets(recipe, tmp_path):
+    phases = recipe.schedule.build().phases()
+    method = recipe.method.build(phases=phases, codec=recipe.codec.build(), seed=0)
+    from dataclasses import replace
+
+    phase = replace(phases[1], steps=101, options={**phases[1].options, "renoise_timesteps": [10, 750],
+                                                   "renoise_weights": [1.0, 0.0], "renoise_weights_end": [0.0, 1.0]})
+    method.phase = phase
+    like = torch.zeros(4000, 1)
+    t_prev = torch.tensor([-1, 124] * 2000)
+    start = method._renoise_plan(t_prev, like, phase.start)
+    assert set(start["t_disc"][t_prev < 0].tolist()) == {10} and set(start["t_disc"][t_prev >= 0].tolist()) == {124}
+    end = method._renoise_plan(t_prev, like, phase.end - 1)
+    assert set(end["t_disc"][t_prev < 0].tolist()) == {750}
+    middle = method._renoise_plan(t_prev, like, phase.start + 50)["t_disc"][t_prev < 0]
+    assert 0.4 < (middle == 750).float().mean() < 0.6
+
+
+def test_x0_conversion_targets_the_x0_the_teacher_implies(tmp_path):
+    loaded = load_recipe(DEBUG_RECIPE, ["schedule.stages.1.prediction=sample", "schedule.stages.1.train_timesteps=4",
+                                        "schedule.stages.1.student_steps=1",
+                                        "schedule.stages.1.phases=[{kind: x0_convert, steps: 2}, {kind: adversarial, steps: 1}]"])
+    r = loaded.recipe
+    fabric, method, modules, optimizers, trainable, prepared = _phase_setup(r, 1, tmp_path)
+    phase = method.phase
+    assert phase.kind == "x0_convert" and modules["student"].prediction == "sample"
+    assert modules["teacher"].prediction == "epsilon"
+    b = prepared[0]
+    assert torch.equal(b["t"], b["t_prev"]) and set(b["t"].tolist()) <= {999, 749, 499, 249}
+    teacher = modules["teacher"]
+    x0 = teacher.schedule.split(teacher.denoiser(b["x_t"], b["t"], b["cond"]), b["x_t"], b["t"], "epsilon")[0]
+    assert torch.allclose(b["target"], x0)
+    loss, logs = method.training_step(b, "student")
+    assert "loss/x0_convert" in logs and torch.isfinite(loss)
+
+
+def test_skip_level_teacher_comes_from_the_named_stage(tmp_path):
+    loaded = load_recipe(DEBUG_RECIPE, [
+        "schedule.stages=[{name: a, teacher_steps: 16, student_steps: 8, phases: [{kind: mse, steps: 1}]},"
+        " {name: b, student_steps: 4, phases: [{kind: mse, steps: 1}]},"
+        " {name: c, student_steps: 2, phases: [{kind: adversarial, steps: 1, teacher_from: a}]}]"])
+    phases = loaded.recipe.schedule.build().phases()
+    assert phases[2].options["teacher_steps"] == 8  # stage a's student takes 8 steps
+    assert phases[1].options["teacher_steps"] == 8  # by default: the previous stage's student_steps
+    fabric, method, modules, *_ = _phase_setup(loaded.recipe, 2, tmp_path)
+    artifacts = Artifacts(tmp_path, fabric, {p.index: p.name for p in phases})
+    a, b = artifacts(0), artifacts(1)
+    t = modules["teacher"].denoiser.state_dict()
+    assert all(torch.equal(t[k], a[f"student.net.{k}"]) for k in t)
+    assert not all(torch.equal(t[k], b[f"student.net.{k}"]) for k in t)
+    s = modules["student"].state_dict()  # the student still continues from the previous phase (stage b)
+    assert all(torch.equal(s[k], b[f"student.{k}"]) for k in s)

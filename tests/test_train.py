@@ -138,9 +138,11 @@ def test_gradient_accumulation_draws_accum_micro_batches_per_step(cli, tmp_path)
 
 @pytest.mark.slow
 def test_fsdp2_bf16_accumulating_run_resumes_bit_identical(cli, tmp_path):
-    """FSDP2 x 2 processes, bf16 autocast, 2 micro-batches per step: killed twice, resumed, same weights."""
+    """FSDP2 x 2 processes, bf16 autocast, 2 micro-batches per step, a LoRA phase: killed twice, resumed, same
+    weights."""
     opts = [*KILLABLE, "fabric.devices=2", "fabric.strategy=fsdp2", "fabric.precision=bf16-mixed",
-            "train.grad_accum=2", "train.batch_size=2"]
+            "train.grad_accum=2", "train.batch_size=2",
+            "schedule.stages.1.phases.0.adapter={name: lora, rank: 4, exclude: [conv_in, conv_out, time, text]}"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *opts).returncode == 0
     for kill_at in ("5", "11"):

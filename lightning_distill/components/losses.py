@@ -49,3 +49,24 @@ class NonSaturatingGAN:
 
     def generator_loss(self, fake: Tensor) -> Tensor:
         return F.softplus(-fake.float()).mean()
+
+
+@LOSSES.register("hinge")
+class Hinge:
+    """Hinge GAN: ``L_D = mean(relu(m - real)) + mean(relu(m + fake))``, ``L_G = -mean(fake)``."""
+
+    adversarial = True
+
+    @dataclass(kw_only=True)
+    class Config:
+        margin: float = 1.0
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        m = self.config.margin
+        return F.relu(m - real.float()).mean() + F.relu(m + fake.float()).mean()
+
+    def generator_loss(self, fake: Tensor) -> Tensor:
+        return -fake.float().mean()

@@ -1,34 +1,33 @@
-"""Example plugin: a hinge GAN loss and a patch discriminator head, registered on import."""
+"""Example plugin: a least-squares GAN loss and a patch discriminator head, registered on import."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_distill import HEADS, LOSSES
 
 
-@LOSSES.register("hinge")
-class Hinge:
-    """Hinge GAN: ``L_D = mean(relu(m - real)) + mean(relu(m + fake))``, ``L_G = -mean(fake)``."""
+@LOSSES.register("lsgan")
+class LeastSquares:
+    """Least-squares GAN (Mao et al. 2017): ``L_D = mean((real - 1)^2) + mean(fake^2)``, ``L_G = mean((fake - 1)^2)``."""
 
     adversarial = True
 
     @dataclass(kw_only=True)
     class Config:
-        margin: float = 1.0
+        target: float = 1.0
+        """The label of real samples (fake ones are 0)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
-        m = self.config.margin
-        return F.relu(m - real.float()).mean() + F.relu(m + fake.float()).mean()
+        return ((real.float() - self.config.target) ** 2).mean() + (fake.float() ** 2).mean()
 
     def generator_loss(self, fake: Tensor) -> Tensor:
-        return -fake.float().mean()
+        return ((fake.float() - self.config.target) ** 2).mean()
 
 
 @HEADS.register("patch")

@@ -1,4 +1,4 @@
-"""``lightning-distill``: train, validate, components.
+"""``lightning-distill``: train, validate, export, sample, components.
 
 Exit codes: 0 done, 2 user error (one clear message; ``--debug`` shows the traceback), 1 internal error.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 import traceback
 
 from .errors import UserError
@@ -15,6 +16,8 @@ EPILOG = """examples:
   lightning-distill train recipes/debug.yaml --out runs/debug
   lightning-distill train recipes/debug.yaml --out runs/debug train.batch_size=8 fabric.devices=2
   lightning-distill validate recipes/debug.yaml schedule.stages.0.phases.0.steps=10
+  lightning-distill export runs/sdxl --format lora --out exports/sdxl-lora
+  lightning-distill sample runs/sdxl --prompt "a photo of a cat" --seed 0 --out cat.png
   lightning-distill components loss
 """
 
@@ -35,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate a recipe and print it resolved")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    export = sub.add_parser("export", help="write a finished phase of a run for diffusers or ComfyUI")
+    export.add_argument("run", help="run folder (the --out of train)")
+    export.add_argument("--format", choices=["diffusers", "lora", "comfyui"], default="diffusers")
+    export.add_argument("--stage", help="stage or phase name (default: the last finished phase)")
+    export.add_argument("--rank", type=int, default=64, help="LoRA rank for lora/comfyui (default 64)")
+    export.add_argument("--out", required=True, help="folder to write")
+    sample = sub.add_parser("sample", help="an image grid from a run or an exported model")
+    sample.add_argument("model", help="run folder, or a folder written by export")
+    sample.add_argument("--prompt", action="append", default=[], help="repeat for several images")
+    sample.add_argument("--steps", type=int, help="default: the model's step count")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--size", type=int, help="image size in pixels (default: the recipe's resolution, or 1024)")
+    sample.add_argument("--stage", help="run folders: stage or phase name (default: the last finished phase)")
+    sample.add_argument("--base", help="exported models: base pipeline (default: the one it was distilled from)")
+    sample.add_argument("--out", required=True, help="PNG file to write")
     components = sub.add_parser("components", help="list registered components and their settings")
     components.add_argument("role", nargs="?", help="only this role (teacher, loss, ...)")
     return parser
@@ -71,6 +89,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "components":
         print(describe_components(args.role))
+        return 0
+    if args.command == "export":
+        from .export import export
+
+        meta = export(Path(args.run), args.format, Path(args.out), stage=args.stage, rank=args.rank)
+        print(f"exported {meta['phase']} ({meta['steps']} steps, {meta['prediction']}) as {args.format} to {args.out}")
+        return 0
+    if args.command == "sample":
+        from .sampling import sample_exported, sample_run, save_grid
+
+        model = Path(args.model)
+        if (model / "recipe.yaml").is_file():
+            images = sample_run(model, args.prompt, args.steps, args.seed, args.size, args.stage)
+        else:
+            images = sample_exported(model, args.prompt, args.steps, args.seed, args.size or 1024, args.base)
+        save_grid(images, Path(args.out))
+        print(f"wrote {len(images)} samples to {args.out}")
         return 0
     loaded = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":

@@ -169,7 +169,7 @@ def test_lora_follows_the_lcm_lora_rule_and_merges_like_peft(teacher):
     assert changed >= len(targets)
 
 
-def _fast_overrides(loaded, tiny_sdxl, out):
+def fast_overrides(loaded, tiny_sdxl, lr=None, steps=1):
     """The SDXL recipe's structure, sized for a CPU: tiny models, one step per phase, small heads and ranks."""
     args = [f"codec.pretrained={tiny_sdxl['pipeline']}", f"method.teacher.pretrained={tiny_sdxl['pipeline']}",
             f"data.root={tiny_sdxl['images']}", "data.resolution=16", "fabric.accelerator=cpu", "fabric.devices=1",
@@ -179,7 +179,9 @@ def _fast_overrides(loaded, tiny_sdxl, out):
             "method.preview_size=2"]
     for i, stage in enumerate(loaded["schedule"]["stages"]):
         for j, phase in enumerate(stage["phases"]):
-            args.append(f"schedule.stages.{i}.phases.{j}.steps=1")
+            args.append(f"schedule.stages.{i}.phases.{j}.steps={steps}")
+            if lr is not None:
+                args.append(f"schedule.stages.{i}.phases.{j}.lr={lr}")
             if phase["adapter"]["name"] == "lora":
                 args.append(f"schedule.stages.{i}.phases.{j}.adapter.rank=4")
     return args
@@ -191,7 +193,7 @@ def test_sdxl_recipe_runs_every_phase_kind_through_the_cli(cli, tiny_sdxl, tmp_p
 
     recipe = ROOT / "recipes" / "sdxl_lightning" / f"{variant}.yaml"
     out = tmp_path / variant
-    args = _fast_overrides(load_recipe(recipe).resolved, tiny_sdxl, out)
+    args = fast_overrides(load_recipe(recipe).resolved, tiny_sdxl)
     result = cli("train", str(recipe), "--out", str(out), *args, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     phases = sorted(p.name for p in (out / "phases").glob("*.safetensors"))

@@ -110,7 +110,8 @@ class ProgressiveDistillation(Method):
             if "time_ids" not in cond:
                 from .sdxl import default_time_ids
 
-                h, w = batch["pixels"].shape[-2:] if "pixels" in batch else [8 * s for s in batch["latents"].shape[-2:]]
+                f = getattr(self.codec, "scale_factor", 8)
+                h, w = batch["pixels"].shape[-2:] if "pixels" in batch else [f * s for s in batch["latents"].shape[-2:]]
                 cond["time_ids"] = default_time_ids(h, w, len(batch["caption"]), batch.get("pixels", batch.get("latents")).device)
             cond = {**cond, **encode_text(batch["caption"], cond["time_ids"])}
         return cond

@@ -191,6 +191,8 @@ class SDXLCodec(nn.Module):
         self.config = config
         self.vae = _load(AutoencoderKL, config.pretrained, config.vae_subfolder, torch_dtype=DTYPES[config.vae_dtype])
         self.scaling = float(self.vae.config.scaling_factor)
+        self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent (8 for SDXL's VAE)."""
         self.text_encoder = self.text_encoder_2 = None
         if config.text_encoders:
             from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

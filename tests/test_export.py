@@ -1,0 +1,116 @@
+"""Export and sampling of a tiny SDXL-shaped run: diffusers UNet folder, LoRA, ComfyUI LoRA, our sampler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from test_sdxl import fast_overrides
+
+SEED, PROMPTS = 3, ["a red cat", "a small blue square on the left"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_sdxl, tmp_path_factory):
+    """The LoRA recipe's ladder on the tiny pipeline, 2 steps a phase at a high learning rate (visible changes)."""
+    from lightning_distill.recipe import load_recipe
+
+    recipe = ROOT / "recipes" / "sdxl_lightning" / "lora.yaml"
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    args = fast_overrides(load_recipe(recipe).resolved, tiny_sdxl, lr=1e-3, steps=2)
+    result = run_cli("train", str(recipe), "--out", str(out), *args, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def _student(run):
+    from lightning_distill.export import load_run, pick_phase, student_state
+
+    loaded = load_run(run)
+    return {k[len("unet."):]: v for k, v in student_state(run, pick_phase(run, loaded, None)).items()}
+
+
+def test_diffusers_export_loads_and_samples_like_our_sampler(lora_run, tiny_sdxl, tmp_path):
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    from lightning_distill.sampling import sample_exported, sample_run
+
+    out = tmp_path / "export"
+    result = run_cli("export", str(lora_run), "--format", "diffusers", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    trained = _student(lora_run)
+    assert all(torch.equal(v, trained[k]) for k, v in unet.state_dict().items())
+    scheduler = EulerDiscreteScheduler.from_pretrained(str(out / "scheduler"))
+    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.prediction_type == "epsilon"
+    card = (out / "README.md").read_text()
+    assert "num_inference_steps=2" in card and "guidance_scale=0" in card and "trailing" in card
+    assert json.loads((out / "lightning_distill.json").read_text())["steps"] == 2
+    ours = sample_run(lora_run, PROMPTS, seed=SEED, size=16)
+    theirs = sample_exported(out, PROMPTS, seed=SEED, size=16)
+    assert ours.shape == theirs.shape == (2, 3, 16, 16)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def test_lora_export_fuses_into_the_trained_unet(lora_run, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "lora"
+    # LoRA-only training: 7 phases of rank-4 LoRA, merged one after another, so the total change of a layer has
+    # rank <= 28 and rank 32 factors it exactly
+    result = run_cli("export", str(lora_run), "--format", "lora", "--rank", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "lightning_distill.json").read_text())
+    assert meta["layers"] > 0 and meta["max_relative_error"] < 1e-4 and meta["max_change_outside_lora"] == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl["pipeline"]))
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    trained = _student(lora_run)
+    changed = [k for k in trained if not torch.equal(trained[k], base[k])]
+    assert changed
+    for k in trained:
+        assert torch.allclose(fused[k], trained[k], atol=1e-5), k
+
+
+def test_comfyui_keys_map_one_to_one_onto_diffusers_keys(lora_run, tmp_path):
+    for fmt in ("lora", "comfyui"):
+        assert run_cli("export", str(lora_run), "--format", fmt, "--rank", "8", "--out", str(tmp_path / fmt)).returncode == 0
+    peft = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    comfy = load_file(str(tmp_path / "comfyui" / "pytorch_lora_weights.safetensors"))
+    mapped = {}
+    for key, value in peft.items():
+        name, kind = key[len("unet."):].rsplit(".lora_", 1)
+        base = "lora_unet_" + name.replace(".", "_")
+        mapped[f"{base}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value
+    weights = {k: v for k, v in comfy.items() if not k.endswith(".alpha")}
+    assert weights.keys() == mapped.keys() and len(weights) == len(peft)
+    assert all(torch.equal(weights[k], mapped[k]) for k in weights)
+    alphas = {k: v for k, v in comfy.items() if k.endswith(".alpha")}
+    assert len(alphas) == len(peft) // 2 and all(float(v) == 8.0 for v in alphas.values())
+    assert all(k.startswith("lora_unet_") and "." not in k.split(".")[0][len("lora_unet_"):] for k in comfy)
+
+
+def test_sample_command_writes_a_grid(lora_run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    result = run_cli("sample", str(lora_run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--size", "16",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Image.open(out) as im:
+        assert im.size == (2 * 17 + 1, 17 + 1)  # two 16-px tiles with 1-px borders
+
+
+def test_export_errors_are_user_errors(lora_run, tmp_path):
+    result = run_cli("export", str(lora_run), "--stage", "s99", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "no such stage" in result.stderr and "s8" in result.stderr
+    result = run_cli("export", str(tmp_path), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "not a run folder" in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""``lightning-distill``: train, validate, export, sample, components.
+"""``lightning-distill``: train, validate, cache, export, sample, components.
 
 Exit codes: 0 done, 2 user error (one clear message; ``--debug`` shows the traceback), 1 internal error.
 """
@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate a recipe and print it resolved")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    cache = sub.add_parser("cache", help="encode a recipe's data once (latents and text embeddings) for training")
+    cache.add_argument("recipe")
+    cache.add_argument("overrides", nargs="*")
+    cache.add_argument("--out", required=True, help="cache folder (then train with data: {name: cached, root: DIR})")
+    cache.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
     export = sub.add_parser("export", help="write a finished phase of a run for diffusers or ComfyUI")
     export.add_argument("run", help="run folder (the --out of train)")
     export.add_argument("--format", choices=["diffusers", "lora", "comfyui"], default="diffusers")
@@ -108,6 +113,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {len(images)} samples to {args.out}")
         return 0
     loaded = load_recipe(args.recipe, args.overrides)
+    if args.command == "cache":
+        from .components.cache import build_cache
+
+        manifest = build_cache(loaded.recipe, Path(args.out), args.shard_size)
+        print(f"cached {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out}")
+        if manifest["skipped"]:
+            print(manifest["skipped"])
+        return 0
     if args.command == "validate":
         print(dump_recipe(loaded.resolved), end="")
         return 0

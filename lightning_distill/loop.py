@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,15 @@ from .data import make_loader
 from .method import Method, Phase
 from .recipe import Recipe
 
+log = logging.getLogger(__name__)
 
-def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dict[str, float]:
+
+def fit(
+    fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any], on_start: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     """Run every phase of the recipe's schedule, resuming from the newest checkpoint in ``out_dir``.
 
-    Returns the metrics of the last logged step.
+    ``on_start`` runs once the data source opened, before any model loads. Returns the last logged metrics.
     """
     cfg = recipe.train
     phases: list[Phase] = recipe.schedule.build().phases()
@@ -31,6 +37,7 @@ def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dic
     step: int = meta["step"]
 
     dataset = recipe.data.build(seed=recipe.seed)
+    on_start()
     loader = make_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=recipe.seed, fabric=fabric)
     if resume:
         loader.load_state_dict(ckpts.load_rank_state(resume)["loader"])
@@ -87,6 +94,9 @@ def fit(fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any]) -> dic
                 }
                 ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name})
         fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
+    report = getattr(dataset, "report", lambda: None)()
+    if report and fabric.is_global_zero:
+        log.warning("data: %s", report)
     fabric.call("on_fit_end", fabric=fabric, step=step)
     return metrics
 

@@ -167,7 +167,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
     for key, value in updates:
         try:
-            OmegaConf.update(merged, key, value, merge=True, force_add=True)
+            OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section
         except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:
             raise UserError(f"bad override {key}={value!r}: {str(err).splitlines()[0]}") from err
     try:

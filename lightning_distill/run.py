@@ -57,13 +57,16 @@ def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float] | None:
     callbacks = [spec.build(out_dir=out_dir) for spec in recipe.callbacks]
     fabric = build_fabric(recipe.fabric, callbacks)
     fabric.launch()
-    if fabric.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / ".recipe.yaml.tmp"
-        tmp.write_text(dump_recipe(loaded.resolved))
-        os.replace(tmp, out_dir / "recipe.yaml")
-    fabric.barrier()
-    metrics = fit(fabric, recipe, out_dir, callbacks)
+
+    def write_recipe() -> None:  # once the data opened: a run that cannot start leaves the folder as it was
+        if fabric.is_global_zero:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = out_dir / ".recipe.yaml.tmp"
+            tmp.write_text(dump_recipe(loaded.resolved))
+            os.replace(tmp, out_dir / "recipe.yaml")
+        fabric.barrier()
+
+    metrics = fit(fabric, recipe, out_dir, callbacks, on_start=write_recipe)
     return metrics if fabric.is_global_zero else None
 
 

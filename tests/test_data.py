@@ -1,0 +1,183 @@
+"""Data sources, bad data, caching, and resuming the loader mid-epoch."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_cli
+from lightning_distill import UserError
+from lightning_distill.registry import REGISTRIES
+
+WORDS = "a photo of red green blue cat dog square".split()
+
+
+def _png(w, h, seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _make(role_name, **fields):
+    from lightning_distill.config import validate
+
+    cls = REGISTRIES["data"].get(role_name)
+    return cls(validate(fields, cls.Config), seed=0)
+
+
+@pytest.fixture
+def samples(tmp_path):
+    """Six good samples as a folder and as two tar shards with the same files."""
+    rng = np.random.default_rng(1)
+    files = {f"s{i}": (_png(20 + 3 * i, 18 + i, i), " ".join(rng.choice(WORDS, 4))) for i in range(6)}
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for key, (png, caption) in files.items():
+        (folder / f"{key}.png").write_bytes(png)
+        (folder / f"{key}.txt").write_text(caption)
+    shards = []
+    for n, keys in enumerate([["s0", "s1", "s2"], ["s3", "s4", "s5"]]):
+        shard = tmp_path / f"shard-{n}.tar"
+        with tarfile.open(shard, "w") as tar:
+            for key in keys:
+                for name, data in ((f"{key}.png", files[key][0]), (f"{key}.txt", files[key][1].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append(shard)
+    return {"folder": folder, "shards": shards, "files": files, "tmp": tmp_path}
+
+
+def _assert_same_items(a, b):
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert x["caption"] == y["caption"]
+        assert torch.equal(x["pixels"], y["pixels"]) and torch.equal(x["time_ids"], y["time_ids"])
+
+
+def test_folder_and_tar_shards_yield_identical_items(samples):
+    folder = _make("image_folder", root=str(samples["folder"]), resolution=16)
+    tars = _make("tar_shards", shards=[str(samples["tmp"] / "shard-*.tar")], resolution=16)
+    assert len(folder) == 6
+    _assert_same_items(folder, tars)
+    item = folder[1]
+    assert item["pixels"].shape == (3, 16, 16) and -1 <= item["pixels"].min() and item["pixels"].max() <= 1
+    # micro-conditioning: original (h, w), crop top-left, target size
+    h, w = 19, 23
+    scale = 16 / min(h, w)
+    nw = round(w * scale)
+    assert item["time_ids"].tolist() == [h, w, 0, (nw - 16) // 2, 16, 16]
+
+
+def test_metadata_jsonl_captions_and_random_crops(samples):
+    folder = samples["folder"]
+    for p in folder.glob("*.txt"):
+        p.unlink()
+    rows = [{"file_name": f"{k}.png", "text": c} for k, (_, c) in samples["files"].items()]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = _make("image_folder", root=str(folder), resolution=16, crop="random")
+    assert [ds[i]["caption"] for i in range(6)] == [c for _, c in samples["files"].values()]
+    tops = {tuple(ds[i]["time_ids"][2:4].tolist()) for i in range(6)}
+    assert len(tops) > 1  # random crops, yet deterministic per index:
+    assert torch.equal(ds[5]["pixels"], ds[5]["pixels"])
+
+
+def test_bad_files_are_skipped_and_counted(samples, caplog):
+    folder = samples["folder"]
+    (folder / "corrupt.png").write_bytes(b"not an image at all")
+    (folder / "corrupt.txt").write_text("a cat")
+    good = _png(24, 24, 99)
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "truncated.txt").write_text("a dog")
+    (folder / "tiny.png").write_bytes(_png(8, 8, 5))
+    (folder / "tiny.txt").write_text("a small cat")
+    (folder / "nocaption.png").write_bytes(_png(24, 24, 6))
+    ds = _make("image_folder", root=str(folder), resolution=16)
+    assert len(ds) == 7  # the six good ones and the truncated one, whose header reads fine
+    items = [ds[i] for i in range(len(ds))]  # decoding the truncated one fails: it gives way to the next
+    assert all(it["pixels"].shape == (3, 16, 16) for it in items)
+    report = ds.report()
+    for piece in ["missing caption", "unreadable image", "smaller than 16 px", "truncated or corrupt", "nocaption.png"]:
+        assert piece in report, report
+    assert sum(ds.skipped.values()) == 4
+
+
+def test_empty_or_missing_sources_exit_2_before_any_model_loads(cli, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    recipe = ROOT / "recipes" / "sdxl_lightning" / "full.yaml"
+    # the pretrained model does not exist either: the data error must come first
+    common = ["fabric.accelerator=cpu", "method.teacher.pretrained=/nonexistent", "codec.pretrained=/nonexistent"]
+    result = cli("train", str(recipe), "--out", str(tmp_path / "run"), f"data.root={empty}", *common)
+    assert result.returncode == 2 and "no usable images" in result.stderr, result.stderr[-2000:]
+    result = cli("train", str(recipe), "--out", str(tmp_path / "run"),
+                 f"data={{name: tar_shards, shards: ['{tmp_path}/none-*.tar']}}", *common)
+    assert result.returncode == 2 and "nothing matches" in result.stderr, result.stderr[-2000:]
+
+
+def test_loader_resumed_mid_epoch_continues_at_the_same_sample():
+    from lightning_distill.data import make_loader
+
+    class Fabric:
+        global_rank, world_size = 0, 1
+
+    ds = list(range(10))
+    whole = iter(make_loader(ds, batch_size=3, num_workers=0, seed=4, fabric=Fabric()))
+    reference = [next(whole).tolist() for _ in range(9)]  # crosses two epoch boundaries
+    for cut in (2, 3, 5):
+        loader = make_loader(ds, batch_size=3, num_workers=0, seed=4, fabric=Fabric())
+        it = iter(loader)
+        head = [next(it).tolist() for _ in range(cut)]
+        state = loader.state_dict()
+        fresh = make_loader(ds, batch_size=3, num_workers=0, seed=4, fabric=Fabric())
+        fresh.load_state_dict(state)
+        it2 = iter(fresh)
+        assert head + [next(it2).tolist() for _ in range(9 - cut)] == reference, cut
+    assert len(set(sum(reference[:3], []))) == 9  # the first epoch's batches repeat no sample
+
+
+def test_cache_round_trip_gives_the_same_loss_as_images(tiny_sdxl, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_distill.recipe import load_recipe
+    from test_sdxl import fast_overrides
+
+    recipe = ROOT / "recipes" / "sdxl_lightning" / "lora.yaml"
+    # batch size 1 for caching and training alike: the VAE then sees the very same inputs in both runs (convolutions
+    # over batches of other shapes may differ in the last bit, which a 1-step-vs-4-step loss near zero magnifies)
+    args = fast_overrides(load_recipe(recipe).resolved, tiny_sdxl) + ["train.log_every=1", "train.batch_size=1"]
+    one_phase = ["schedule.stages=[{name: s32, teacher_steps: 128, student_steps: 32, phases: [{kind: mse, steps: 2}]}]"]
+    cache = tmp_path / "cache"
+    made = run_cli("cache", str(recipe), "--out", str(cache), "--shard-size", "4", *args)
+    assert made.returncode == 0, made.stderr[-3000:]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["total"] == 6 and [s["count"] for s in manifest["shards"]] == [4, 2]
+    first = (cache / "shard-00000.safetensors").stat().st_mtime_ns
+    (cache / "shard-00001.safetensors").unlink()  # as if killed before the last shard
+    again = run_cli("cache", str(recipe), "--out", str(cache), "--shard-size", "4", *args)
+    assert again.returncode == 0 and (cache / "shard-00001.safetensors").is_file()
+    assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == first  # finished shards are skipped
+
+    losses = {}
+    for source, extra in (("images", []), ("cache", ["data={name: cached, root: " + str(cache) + "}"])):
+        out = tmp_path / source
+        result = run_cli("train", str(recipe), "--out", str(out), *args, *one_phase, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        acc = EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        losses[source] = [e.value for e in acc.Scalars("s32-mse/loss/mse")]
+    assert len(losses["images"]) == 2
+    assert np.allclose(losses["images"], losses["cache"], rtol=1e-5, atol=0), losses
+
+
+def test_unfinished_cache_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"complete": False, "shards": []}))
+    with pytest.raises(UserError, match="unfinished"):
+        _make("cached", root=str(tmp_path))

@@ -66,9 +66,10 @@ class Checkpoints:
 
     def clean_partial(self) -> None:
         """Remove folders a killed save left behind."""
-        if self.fabric.is_global_zero and self.root.is_dir():
-            for tmp in self.root.glob(".tmp-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+        if self.fabric.is_global_zero:
+            for folder in (self.root, self.root.parent / "phases"):
+                for tmp in folder.glob(".tmp-*") if folder.is_dir() else []:
+                    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         self.fabric.barrier()
 
     def complete(self) -> list[Path]:
@@ -111,10 +112,12 @@ class Checkpoints:
         if fabric.is_global_zero:
             meta = {**meta, "step": step, "world_size": fabric.world_size}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            for f in tmp.rglob("*"):
+            for f in [*tmp.rglob("*"), tmp]:  # files and folders: the rename must not outrun their contents
                 if f.is_file():
                     with open(f, "rb+") as fh:
                         os.fsync(fh.fileno())
+                else:
+                    _fsync_dir(f)
             if final.exists():  # an earlier run wrote this step and was killed before moving on
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -171,7 +174,10 @@ class Artifacts:
             final = self.path(index)
             tmp = final.with_name(f".tmp-{final.name}")
             save_file(flat, str(tmp))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
             os.replace(tmp, final)
+            _fsync_dir(self.root)
         self.fabric.barrier()
 
     def __call__(self, index: int) -> dict[str, Tensor]:

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Options may follow KEY=VALUE overrides; argparse's nargs="*" positional would stop at them.
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # allowed after the subcommand too
+        args.debug = True
+        extra = [a for a in extra if a != "--debug"]
     if extra:
         unknown = [a for a in extra if a.startswith("-")]
         if unknown or not hasattr(args, "overrides"):

@@ -50,6 +50,17 @@ class Spec:
         return {"name": self.name, **body}
 
 
+@dataclass(frozen=True)
+class Min:
+    """Marker in ``Annotated[int, Min(1)]``: the value must be at least this."""
+
+    value: float
+
+
+PositiveInt = Annotated[int, Min(1)]
+NonNegativeFloat = Annotated[float, Min(0)]
+
+
 def component(role: str) -> Any:
     """The annotation of a config field that selects a component of ``role``."""
     return Annotated[Spec, Role(role)]
@@ -87,7 +98,11 @@ def _check(value: Any, tp: Any, path: str, source: SourceLookup) -> Any:
         role = next((e.role for e in extras if isinstance(e, Role)), None)
         if role is not None:
             return _check_spec(value, role, path, source)
-        return _check(value, base, path, source)
+        checked = _check(value, base, path, source)
+        for bound in (e for e in extras if isinstance(e, Min)):
+            if checked is not None and checked < bound.value:
+                raise _err(f"must be at least {bound.value:g}, got {checked!r}", path, source)
+        return checked
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -182,7 +197,7 @@ def _check_dataclass(value: Any, cls: type, path: str, source: SourceLookup) -> 
 
 def _holds_spec(tp: Any) -> bool:
     if typing.get_origin(tp) is Annotated:
-        return True
+        return any(isinstance(e, Role) for e in typing.get_args(tp)[1:])
     return any(_holds_spec(a) for a in typing.get_args(tp) if a is not Ellipsis)
 
 
@@ -194,6 +209,8 @@ def _check_spec(value: Any, role: str, path: str, source: SourceLookup) -> Spec:
     if not isinstance(value, dict) or "name" not in value:
         raise _err(f"expected a {role} section with a 'name' key, got {_describe(value)}", path, source)
     name = value["name"]
+    if not isinstance(name, str):
+        raise _err(f"expected a {role} name, got {_describe(name)}", _join(path, "name"), source)
     registry = REGISTRIES[role]
     if name not in registry:
         raise _err(registry.unknown_message(name), _join(path, "name"), source)
@@ -220,7 +237,10 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Annotated:
         role = next((e.role for e in typing.get_args(tp)[1:] if isinstance(e, Role)), None)
-        return f"{role} section" if role else _type_name(typing.get_args(tp)[0])
+        bound = next((e.value for e in typing.get_args(tp)[1:] if isinstance(e, Min)), None)
+        if role:
+            return f"{role} section"
+        return _type_name(typing.get_args(tp)[0]) + (f" >= {bound:g}" if bound is not None else "")
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is Literal:

@@ -63,7 +63,17 @@ def student_state(run_dir: Path, phase: Phase) -> dict[str, Tensor]:
 
 
 def prediction_of(loaded: LoadedRecipe, phase: Phase) -> str:
-    return phase.options["prediction"] or loaded.recipe.method.config.student.config.prediction
+    """The student's parameterisation in ``phase`` (the stage's, else the student's, else the base model's)."""
+    chosen = phase.options["prediction"] or loaded.recipe.method.config.student.config.prediction
+    if chosen:
+        return chosen
+    teacher = loaded.recipe.method.config.teacher
+    if teacher.name == "sdxl":
+        from .components.sdxl import scheduler_schedule
+
+        found = scheduler_schedule(teacher.config.pretrained)
+        return teacher.config.prediction or (found[1] if found else "epsilon")
+    return getattr(teacher.config, "prediction", None) or "epsilon"
 
 
 def _unet_source(loaded: LoadedRecipe) -> tuple[str, str]:

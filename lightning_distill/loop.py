@@ -86,6 +86,7 @@ def fit(
                     fabric.call("on_preview", fabric=fabric, phase=phase, step=step, images=images)
             if step % cfg.checkpoint_every == 0 or step == phase.end:
                 if step == phase.end:  # before the checkpoint: a resume past this phase needs its result
+                    fabric.call("on_phase_result", fabric=fabric, phase=phase, modules=modules, step=step)
                     artifacts.save(phase.index, method.artifact())
                 own = {
                     "rng": rng_state(),

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Spec, component, to_dict, validate
+from .config import Min, PositiveInt, Spec, component, to_dict, validate
 from .errors import RecipeError, UserError
 from .registry import import_modules
 
@@ -25,11 +25,10 @@ from .registry import import_modules
 class FabricConfig:
     """Devices, precision and parallelism; passed to ``lightning.fabric.Fabric``."""
 
-    accelerator: str = "cpu"
-    """cpu, cuda, gpu, mps or auto."""
-    devices: int = 1
+    accelerator: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "cpu"
+    devices: PositiveInt = 1
     """Processes per node."""
-    num_nodes: int = 1
+    num_nodes: PositiveInt = 1
     strategy: Literal["auto", "single", "ddp", "fsdp2"] = "auto"
     """auto: single process for devices=1 and num_nodes=1, else ddp. fsdp2: ModelParallelStrategy + fully_shard."""
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
@@ -41,18 +40,18 @@ class FabricConfig:
 class TrainConfig:
     """What the generic loop owns: batching, accumulation, clipping, logging, checkpoints."""
 
-    batch_size: int = 4
+    batch_size: PositiveInt = 4
     """Samples per device per micro-batch."""
-    num_workers: int = 0
-    grad_accum: int = 1
+    num_workers: Annotated[int, Min(0)] = 0
+    grad_accum: PositiveInt = 1
     """Micro-batches per optimizer step."""
     clip_grad_norm: float | None = 1.0
-    log_every: int = 10
-    checkpoint_every: int = 100
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100
     """Steps between checkpoints; a checkpoint is also written at the end of every phase."""
-    keep_last: int = 2
+    keep_last: PositiveInt = 2
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
-    preview_every: int = 0
+    preview_every: Annotated[int, Min(0)] = 0
     """Steps between sample grids; 0: only at the end of each phase."""
 
 
@@ -129,6 +128,13 @@ def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _get_path(tree: Any, path: str) -> Any:
+    node = tree
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
 def _has_path(tree: Any, path: str) -> bool:
     node = tree
     for part in path.replace("[", ".").replace("]", "").split("."):
@@ -153,12 +159,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k, _ in updates if key):
             return "command line"
         parts = key.split(".") if key else []
-        for depth in range(len(parts), 0, -1):
+        owner = layers[-1][0]
+        for depth in range(1, len(parts) + 1):
             prefix = ".".join(parts[:depth])
-            for label, tree in reversed(layers):
-                if _has_path(tree, prefix):
-                    return label
-        return layers[-1][0]
+            holder = next(((label, tree) for label, tree in reversed(layers) if _has_path(tree, prefix)), None)
+            if holder is None:
+                break
+            owner = holder[0]
+            if not isinstance(_get_path(holder[1], prefix), dict):  # lists and values replace, never merge
+                break
+        return owner
 
     try:
         merged = OmegaConf.merge(*(OmegaConf.create(tree) for _, tree in layers))
@@ -181,7 +191,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         raise RecipeError("expected a list of module names", path="imports", source=source("imports"))
     import_modules(imports)
     recipe = validate(resolved, Recipe, source=source)
-    recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
+    phases = recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
+    check = getattr(recipe.method.component(), "check", None)
+    if check is not None:
+        check(recipe.method.config, phases)
     return LoadedRecipe(recipe=recipe, resolved=to_dict(recipe))
 
 

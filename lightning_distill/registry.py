@@ -157,7 +157,8 @@ METHODS = Registry(
     "method",
     """Training methods: they own the step. ``cls(config, *, phases, codec, seed) -> Method`` with
     ``build_phase(phase, artifacts) -> modules``, ``prepare(batch, step)``, ``training_step(batch, optimizer_name)
-    -> (loss, logs)`` and ``artifact() -> state dicts`` (see :class:`lightning_distill.method.Method`).""",
+    -> (loss, logs)`` and ``artifact() -> state dicts`` (see :class:`lightning_distill.method.Method`); an optional
+    static ``check(config, phases)`` cross-checks a recipe when it loads.""",
 )
 
 REGISTRIES: dict[str, Registry] = {

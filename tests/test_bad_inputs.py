@@ -42,6 +42,21 @@ CASES = {
     "unimportable module": (lambda p: [str(DEBUG_RECIPE), "imports=[no_such_module_xyz]"], ["imports", "no_such_module_xyz"]),
     "bad interpolation": (lambda p: [_write(p, "r.yaml", GOOD.replace("seed: 0", "seed: ${nowhere}"))], ["nowhere"]),
     "not a mapping": (lambda p: [_write(p, "r.yaml", "- just\n- a list\n")], ["must be a mapping"]),
+    "zero phase steps": (lambda p: [str(DEBUG_RECIPE), "schedule.stages.0.phases.0.steps=0"],
+                         ["schedule.stages[0].phases[0].steps", "must be at least 1"]),
+    "zero student steps": (lambda p: [str(DEBUG_RECIPE), "schedule.stages.0.student_steps=0"], ["must be at least 1"]),
+    "zero log interval": (lambda p: [str(DEBUG_RECIPE), "train.log_every=0"], ["train.log_every", "must be at least 1"]),
+    "unknown accelerator": (lambda p: [str(DEBUG_RECIPE), "fabric.accelerator=cdua"], ["Did you mean 'cuda'?"]),
+    "component name not a string": (lambda p: [str(DEBUG_RECIPE), "method.name=[a]"], ["expected a method name"]),
+    "renoise out of range": (lambda p: [str(DEBUG_RECIPE), "schedule.stages.1.phases.0.renoise_timesteps=[10, 1000]"],
+                             ["renoise_timesteps must lie in [0, 1000)"]),
+    "adversarial without discriminator": (lambda p: [str(DEBUG_RECIPE), "method.discriminator=null"],
+                                          ["method.discriminator", "adversarial phases"]),
+    "error in a list a child replaced": (
+        lambda p: [_write(p, "base.yaml", GOOD),
+                   _write(p, "child.yaml", "extends: base.yaml\nschedule:\n  name: ladder\n  stages:\n"
+                                           "    - {name: x, teacher_steps: 4, student_steps: 2, phases: [{kind: mse}]}\n")][1:],
+        ["child.yaml", "schedule.stages[0].phases[0].steps", "missing required key"]),
 }
 
 
@@ -63,10 +78,13 @@ def test_bad_input_exits_2_with_a_clear_message(case, tmp_path, capsys):
     assert tree_snapshot(tmp_path) == before, "a failed command must not write anything"
 
 
-def test_debug_flag_shows_the_traceback(cli, tmp_path):
-    result = cli("--debug", "validate", str(tmp_path / "nope.yaml"))
-    assert result.returncode == 2
-    assert "Traceback" in result.stderr and "recipe file not found" in result.stderr
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_shows_the_traceback(capsys, tmp_path, where):
+    args = ["validate", str(tmp_path / "nope.yaml")]
+    code = main(["--debug", *args] if where == "before" else [*args, "--debug"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" in err and "recipe file not found" in err
 
 
 def test_resuming_a_folder_of_another_recipe_is_refused(cli, tmp_path):

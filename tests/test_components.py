@@ -232,3 +232,25 @@ def test_skip_level_teacher_comes_from_the_named_stage(tmp_path):
     assert not all(torch.equal(t[k], b[f"student.net.{k}"]) for k in t)
     s = modules["student"].state_dict()  # the student still continues from the previous phase (stage b)
     assert all(torch.equal(s[k], b[f"student.{k}"]) for k in s)
+
+
+def test_ema_hands_the_average_on_at_phase_end(cli, tmp_path):
+    """With the EMA callback the phase result is the averaged student, not the last one."""
+    from safetensors.torch import load_file
+
+    common = ["schedule.stages.0.phases.0.steps=4", "schedule.stages.1.phases.0.steps=1",
+              "schedule.stages.1.phases.1.steps=1", "schedule.stages.0.phases.0.lr=0.01"]
+    plain, ema = tmp_path / "plain", tmp_path / "ema"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(plain), *common).returncode == 0
+    result = cli("train", str(DEBUG_RECIPE), "--out", str(ema), *common,
+                 "callbacks=[{name: ema, decay: 0.5, warmup: false}]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    a = load_file(str(plain / "phases" / "00-s8-mse.safetensors"))
+    b = load_file(str(ema / "phases" / "00-s8-mse.safetensors"))
+    differs = [k for k in a if not torch.equal(a[k], b[k])]
+    assert differs  # same training, but the EMA run hands on the average
+    # the average of the trajectory lies nearer the last weights than the start (the teacher's) does
+    teacher = load_recipe(DEBUG_RECIPE).recipe.method.config.teacher.build(seed=0)
+    init = {f"student.net.{k}": v for k, v in teacher.denoiser.state_dict().items()}
+    dist = lambda x, y: sum(float((x[k] - y[k]).pow(2).sum()) for k in x)  # noqa: E731
+    assert 0 < dist(b, a) < dist(init, a)

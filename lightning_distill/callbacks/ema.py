@@ -21,8 +21,9 @@ def _local(t: Tensor) -> Tensor:
 class EMA(Callback):
     """``shadow = decay * shadow + (1 - decay) * param`` after every step of every phase that trains ``module``.
 
-    The shadow restarts from the live weights at each phase start. ``swap(modules)`` exchanges live and shadow
-    weights (call it twice to swap back), for evaluating or exporting the average.
+    The shadow restarts from the live weights at each phase start. With ``use_at_phase_end`` the averaged weights
+    replace the live ones when a phase ends, so the phase hands the average to the next phase, the next stage's
+    teacher and ``export``. ``swap(modules)`` exchanges live and shadow weights (twice swaps back).
     """
 
     @dataclass(kw_only=True)
@@ -31,6 +32,8 @@ class EMA(Callback):
         decay: float = 0.999
         warmup: bool = True
         """Use ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the initial weights."""
+        use_at_phase_end: bool = True
+        """Hand the averaged weights on when a phase ends (else the average is only kept while training)."""
 
     def __init__(self, config: Config, *, out_dir: Any = None) -> None:
         self.config = config
@@ -55,6 +58,10 @@ class EMA(Callback):
         decay = min(self.config.decay, (1 + n) / (10 + n)) if self.config.warmup else self.config.decay
         for name, p in self._params(modules).items():
             self.shadow[name].lerp_(_local(p.detach()).float(), 1 - decay)
+
+    def on_phase_result(self, *, modules: dict[str, nn.Module], **_: Any) -> None:
+        if self.config.use_at_phase_end and self.shadow:
+            self.swap(modules)
 
     def on_phase_end(self, **_: Any) -> None:
         self.shadow = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import Spec, component
+from ..config import PositiveInt, Spec, component
 from ..registry import DISCRIMINATORS, HEADS
 from .teacher import SamplerTeacher
 
@@ -18,9 +18,9 @@ class ConvHead(nn.Module):
 
     @dataclass(kw_only=True)
     class Config:
-        channels: int = 64
-        blocks: int = 1
-        groups: int = 32
+        channels: PositiveInt = 64
+        blocks: PositiveInt = 1
+        groups: PositiveInt = 32
 
     def __init__(self, config: Config, *, in_channels: int) -> None:
         super().__init__()
@@ -47,7 +47,8 @@ class BackboneHead(nn.Module):
 
     @dataclass(kw_only=True)
     class Config:
-        backbone: component("backbone") = field(default_factory=lambda: {"name": "toy"})  # type: ignore[valid-type]
+        backbone: component("backbone")  # type: ignore[valid-type]
+        """toy for toy teachers, unet_encoder for diffusers UNets."""
         head: component("head") = field(default_factory=lambda: {"name": "conv"})  # type: ignore[valid-type]
 
     def __init__(self, config: Config, *, teacher: SamplerTeacher, conditional: bool) -> None:

@@ -47,9 +47,8 @@ class ProgressiveDistillation(Method):
     class Config:
         teacher: component("teacher")  # type: ignore[valid-type]
         student: component("student") = field(default_factory=lambda: {"name": "copy"})  # type: ignore[valid-type]
-        discriminator: component("discriminator") = field(  # type: ignore[valid-type]
-            default_factory=lambda: {"name": "backbone_head"}
-        )
+        discriminator: component("discriminator") | None = None  # type: ignore[valid-type]
+        """Required when the schedule has adversarial phases."""
         regression_loss: component("loss") = field(default_factory=lambda: {"name": "mse"})  # type: ignore[valid-type]
         adversarial_loss: component("loss") = field(default_factory=lambda: {"name": "ns_gan"})  # type: ignore[valid-type]
         pure_noise_at_T: bool = True
@@ -67,6 +66,12 @@ class ProgressiveDistillation(Method):
         if not getattr(self.adversarial, "adversarial", False):
             raise UserError(f"method.adversarial_loss: {config.adversarial_loss.name!r} is not an adversarial loss")
 
+    @staticmethod
+    def check(config: Config, phases: list[Phase]) -> None:
+        """Cross-checks of the recipe, before anything loads."""
+        if config.discriminator is None and any(p.kind == "adversarial" for p in phases):
+            raise UserError("method.discriminator: the schedule has adversarial phases; add a discriminator section")
+
     # -- phases -------------------------------------------------------------------------------------------
     def _last_phase_of(self, stage: str) -> Phase:
         return [p for p in self.phases if p.stage == stage][-1]
@@ -81,7 +86,7 @@ class ProgressiveDistillation(Method):
         if source is not None:  # this stage's teacher: a previous stage's final (merged) student
             last = self._last_phase_of(source)
             teacher.denoiser.load_state_dict(_strip(artifacts(last.index), "student.net."))
-            teacher.prediction = last.options["prediction"] or c.student.config.prediction
+            teacher.prediction = last.options["prediction"] or c.student.config.prediction or teacher.prediction
         earlier = [p for p in self.phases if p.end <= phase.start]
         student = c.student.build(teacher=teacher, prediction=phase.options["prediction"])
         if earlier:  # continue from the last phase's student (it may differ from the teacher: skip-level)
@@ -133,8 +138,9 @@ class ProgressiveDistillation(Method):
         noise = torch.randn_like(latents)
         x_t = teacher.schedule.add_noise(latents, noise, t, pure_noise_at_T=self.config.pure_noise_at_T)
         if self.phase.kind == "x0_convert":
-            # the x0 the original (epsilon) network implies at x_t: what the x0-parameterised copy must output
-            target = teacher.schedule.split(teacher.denoiser(x_t, t, cond), x_t, t, teacher.prediction)[0]
+            # the x0 the original (epsilon) network implies at x_t: what the x0-parameterised copy must output.
+            # One solver step to t = -1 (ᾱ = 1) is exactly that x0, and goes through forward (FSDP2 hooks it).
+            target = teacher(x_t, torch.stack([t, torch.full_like(t, -1)], dim=1), cond, 0.0)
         else:
             target = teacher(x_t, path, cond, o["guidance"])
         prepared = {"x_t": x_t, "t": t, "t_prev": t_prev, "target": target, "cond": cond}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from ..config import Spec, component
+from ..config import Min, NonNegativeFloat, PositiveInt, Spec, component
 from ..errors import UserError
 from ..method import OptimizerSettings, Phase, chain_phases
 from ..registry import SCHEDULES
@@ -20,17 +20,17 @@ class PhaseConfig:
     kind: Literal["mse", "adversarial", "x0_convert"]
     """mse: regress the teacher's x_{t-ns}. adversarial: GAN against the discriminator. x0_convert: regress the
     x0 the teacher implies at x_t (switches a copied epsilon network to x0 output, for 1 step)."""
-    steps: int
+    steps: PositiveInt
     adapter: component("adapter") = field(default_factory=lambda: {"name": "full"})  # type: ignore[valid-type]
     """What of the student trains: full, or lora (merged into the weights when the phase ends)."""
-    lr: float = 1e-5
+    lr: NonNegativeFloat = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    discriminator_lr: float | None = None
+    weight_decay: NonNegativeFloat = 0.0
+    discriminator_lr: NonNegativeFloat | None = None
     """Defaults to ``lr``."""
     discriminator_betas: tuple[float, float] | None = None
     """Defaults to ``betas``."""
-    discriminator_every: int = 1
+    discriminator_every: PositiveInt = 1
     """The discriminator steps every this many iterations (the student every iteration)."""
     conditional: bool = True
     """adversarial: the discriminator also sees x_t (conditional) or only x_{t-ns} (unconditional)."""
@@ -38,12 +38,12 @@ class PhaseConfig:
     """Teacher classifier-free guidance scale (0 or 1: none)."""
     teacher_from: str | None = None
     """Name of the stage whose final student is the teacher (skip-level teacher); default: the previous stage."""
-    renoise_timesteps: list[int] = field(default_factory=list)
+    renoise_timesteps: list[Annotated[int, Min(0)]] = field(default_factory=list)
     """Where x_{t-ns} is clean (t-ns < 0), re-noise teacher and student samples to one of these t* before the
     discriminator (the paper: 10, 250, 500, 750). Empty: off."""
-    renoise_weights: list[float] = field(default_factory=list)
+    renoise_weights: list[NonNegativeFloat] = field(default_factory=list)
     """Sampling weights of ``renoise_timesteps`` at the phase start (default uniform)."""
-    renoise_weights_end: list[float] = field(default_factory=list)
+    renoise_weights_end: list[NonNegativeFloat] = field(default_factory=list)
     """Weights at the phase end, reached linearly (the paper: 5:1:1:1); default: unchanged."""
     name: str | None = None
     """Defaults to ``{stage}-{kind}`` (``-cond``/``-uncond`` for adversarial, ``-lora`` for LoRA)."""
@@ -54,11 +54,11 @@ class StageConfig:
     """A student that jumps ``T / student_steps`` in one step where its teacher takes several."""
 
     name: str
-    teacher_steps: int | None = None
+    teacher_steps: PositiveInt | None = None
     """Steps of the teacher's sampler over the whole trajectory (its step size is T / teacher_steps). Required for
     the first stage (the base model's sampler); later stages default to their teacher stage's student_steps."""
-    student_steps: int
-    train_timesteps: int | None = None
+    student_steps: PositiveInt
+    train_timesteps: PositiveInt | None = None
     """Student training timesteps (a trailing grid of this many); default student_steps. The paper trains 1- and
     2-step students on 4 (t = 999, 749, 499, 249)."""
     prediction: Prediction | None = None
@@ -95,7 +95,14 @@ class Ladder:
                     f"{where}: teacher_steps ({teacher_steps}) must be a multiple of student_steps ({stage.student_steps})"
                 )
             prediction = stage.prediction or prediction
+            if not stage.phases:
+                raise UserError(f"{where}: a stage needs at least one phase")
             for p in stage.phases:
+                if any(t >= 1000 for t in p.renoise_timesteps):
+                    raise UserError(f"{where}: renoise_timesteps must lie in [0, 1000), got {p.renoise_timesteps}")
+                for w in (p.renoise_weights, p.renoise_weights_end):
+                    if w and sum(w) <= 0:
+                        raise UserError(f"{where}: renoise weights must have a positive sum, got {w}")
                 if p.teacher_from is not None and p.teacher_from not in seen:
                     raise UserError(f"{where}: teacher_from {p.teacher_from!r} is not an earlier stage ({', '.join(seen) or 'none'})")
                 if p.renoise_weights and len(p.renoise_weights) != len(p.renoise_timesteps):

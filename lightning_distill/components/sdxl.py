@@ -7,7 +7,6 @@ encoders as the codec. Everything loads with ``from_pretrained`` from a local fo
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,11 +36,18 @@ def _load(cls: Any, pretrained: str, subfolder: str, **kwargs: Any) -> Any:
 
 
 def scheduler_schedule(pretrained: str, subfolder: str = "scheduler") -> tuple[NoiseScheduleConfig, str] | None:
-    """The noise schedule and prediction type in a pipeline folder's scheduler config, if it has one."""
-    path = Path(pretrained).expanduser() / subfolder / "scheduler_config.json"
-    if not path.is_file():
+    """The noise schedule and prediction type in a pipeline's scheduler config (local folder or hub id), if any."""
+    from diffusers import DDPMScheduler
+
+    try:
+        c = DDPMScheduler.load_config(pretrained, subfolder=subfolder)
+    except (OSError, ValueError):
         return None
-    c = json.loads(path.read_text())
+    if c.get("rescale_betas_zero_snr") or c.get("trained_betas") is not None:
+        raise UserError(
+            f"{pretrained}/{subfolder}: rescale_betas_zero_snr and trained_betas are not supported; "
+            "set method.teacher.noise_schedule explicitly"
+        )
     return (
         NoiseScheduleConfig(
             num_train_timesteps=c.get("num_train_timesteps", 1000),
@@ -98,7 +104,7 @@ class SDXLTeacher(SamplerTeacher):
         """e.g. fp16, for ``diffusion_pytorch_model.fp16.safetensors``."""
         dtype: Dtype = "float32"
         """Weights of the frozen teacher (bfloat16 halves its memory)."""
-        prediction: str | None = None
+        prediction: Literal["epsilon", "sample", "v_prediction"] | None = None
         """None: the scheduler config's prediction_type (epsilon for SDXL)."""
         noise_schedule: NoiseScheduleConfig | None = None
         """None: the scheduler config's betas, else SDXL's."""

@@ -23,8 +23,8 @@ class CopyStudent(nn.Module):
 
     @dataclass(kw_only=True)
     class Config:
-        prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
-        """The parameterisation of the first stage; a stage's ``prediction`` changes it from there on."""
+        prediction: Literal["epsilon", "sample", "v_prediction"] | None = None
+        """The parameterisation of the first stage (None: the teacher's); a stage's ``prediction`` changes it."""
         dtype: Literal["float32", "bfloat16"] = "float32"
         """Weights of the trained copy (float32 master weights are usual; precision is set in ``fabric``)."""
         gradient_checkpointing: bool = False
@@ -32,7 +32,7 @@ class CopyStudent(nn.Module):
     def __init__(self, config: Config, *, teacher: SamplerTeacher, prediction: str | None = None) -> None:
         super().__init__()
         self.config = config
-        self.prediction = prediction or config.prediction
+        self.prediction = prediction or config.prediction or teacher.prediction
         self.net = copy.deepcopy(teacher.denoiser).to(getattr(torch, config.dtype)).requires_grad_(True).train()
         if config.gradient_checkpointing and hasattr(self.net, "enable_gradient_checkpointing"):
             self.net.enable_gradient_checkpointing()

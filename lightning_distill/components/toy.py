@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diffusion import NoiseScheduleConfig
+from ..errors import UserError
 from ..registry import BACKBONES, TEACHERS
 from .teacher import SamplerTeacher
 
@@ -82,7 +84,7 @@ class ToyTeacher(SamplerTeacher):
         net: ToyNetConfig = field(default_factory=ToyNetConfig)
         weights: str | None = None
         """A safetensors state dict of the denoiser; None: random weights from the run's seed."""
-        prediction: str = "epsilon"
+        prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
         noise_schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
 
     def __init__(self, config: Config, *, seed: int = 0) -> None:
@@ -110,7 +112,7 @@ class ToyBackbone(nn.Module):
 
         net = teacher.denoiser
         if not isinstance(net, ToyDenoiser):
-            raise TypeError(f"backbone 'toy' needs a toy teacher, got {type(net).__name__}")
+            raise UserError(f"backbone 'toy' needs a toy teacher, got {type(net).__name__}; use unet_encoder for UNets")
         self.net = copy.deepcopy(net).requires_grad_(True)
         del self.net.norm_out, self.net.conv_out
         self.out_channels = net.config.channels

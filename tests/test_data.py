@@ -114,7 +114,8 @@ def test_empty_or_missing_sources_exit_2_before_any_model_loads(cli, tmp_path):
     empty.mkdir()
     recipe = ROOT / "recipes" / "sdxl_lightning" / "full.yaml"
     # the pretrained model does not exist either: the data error must come first
-    common = ["fabric.accelerator=cpu", "method.teacher.pretrained=/nonexistent", "codec.pretrained=/nonexistent"]
+    common = ["fabric.accelerator=cpu", "fabric.devices=1", "fabric.strategy=auto",
+              "method.teacher.pretrained=/nonexistent", "codec.pretrained=/nonexistent"]
     result = cli("train", str(recipe), "--out", str(tmp_path / "run"), f"data.root={empty}", *common)
     assert result.returncode == 2 and "no usable images" in result.stderr, result.stderr[-2000:]
     result = cli("train", str(recipe), "--out", str(tmp_path / "run"),

@@ -128,12 +128,14 @@ class ProgressiveDistillation(Method):
         cond = self._conditioning(batch)
         teacher = self.modules["teacher"]
         B, device = latents.shape[0], latents.device
-        index = torch.randint(0, o["train_timesteps"], (B,), device=device)
+        # timesteps are drawn on the CPU (tiny, and no device sync for the path length)
+        index = torch.randint(0, o["train_timesteps"], (B,), device="cpu")
         if self.phase.kind == "x0_convert":
             path = teacher_paths(index, o["train_timesteps"], 0, 1, teacher.schedule.T)  # [t, t]
         else:
             jump = o["train_timesteps"] // o["student_steps"]
             path = teacher_paths(index, o["train_timesteps"], jump, o["teacher_steps"], teacher.schedule.T)
+        path = path.to(device)
         t, t_prev = path[:, -1 if self.phase.kind == "x0_convert" else 0], path[:, -1]
         noise = torch.randn_like(latents)
         x_t = teacher.schedule.add_noise(latents, noise, t, pure_noise_at_T=self.config.pure_noise_at_T)
@@ -152,9 +154,9 @@ class ProgressiveDistillation(Method):
         """Where the target is clean, a timestep t* (weights moving linearly over the phase) and shared noise."""
         o = self.phase.options
         progress = (step - self.phase.start) / max(1, self.phase.steps - 1)
-        w0, w1 = torch.tensor(o["renoise_weights"]), torch.tensor(o["renoise_weights_end"])
+        w0, w1 = torch.tensor(o["renoise_weights"], device="cpu"), torch.tensor(o["renoise_weights_end"], device="cpu")
         weights = (1 - progress) * w0 + progress * w1
-        pick = torch.multinomial(weights.double(), like.shape[0], replacement=True).to(like.device)
+        pick = torch.multinomial(weights.double(), like.shape[0], replacement=True).to(like.device)  # on the CPU
         t_star = torch.tensor(o["renoise_timesteps"], device=like.device)[pick]
         return {"t_disc": torch.where(t_prev < 0, t_star, t_prev), "renoise": t_prev < 0, "d_noise": torch.randn_like(like)}
 

@@ -1,0 +1,58 @@
+"""The benchmarks run (tiny, on CPU) and write their tables; their targets are judged in RESULTS.md, not here."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_step_benchmark_counts_flops_and_times_each_phase(tmp_path):
+    import step
+
+    results = tmp_path / "RESULTS.md"
+    rows = step.main(["--tiny", "--steps", "1", "--cases", "mse full", "adv-uncond full", "adv-uncond full ckpt",
+                      "--results", str(results)])
+    assert [r["phase"] for r in rows] == ["mse full", "adv-uncond full", "adv-uncond full ckpt"]
+    assert all(r["TFLOP/step"] > 0 and r["step s"] > 0 and 0 < r["MFU %"] for r in rows)
+    # checkpointing recomputes, but model FLOPs do not count recomputation
+    assert rows[1]["TFLOP/step"] == rows[2]["TFLOP/step"]
+    text = results.read_text()
+    assert "| phase | batch | step s |" in text and "commit `" in text and "python benchmarks/step.py --tiny" in text
+
+
+def test_flops_match_an_independent_count_of_the_mse_step(tmp_path):
+    """The mse step is teacher solver steps with CFG (2 forwards each) plus the student's forward and backward."""
+    import step
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = step.main(["--tiny", "--flops-only", "--cases", "mse full", "--no-record"])
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**step.TINY_UNET)
+        b = step.make_batch(True, 2, torch.device("meta"))
+        with FlopCounterMode(display=False) as fwd:
+            unet(b["latents"], torch.zeros(2, device="meta"), encoder_hidden_states=b["text"],
+                 added_cond_kwargs={"text_embeds": b["pooled"], "time_ids": b["time_ids"]})
+    per_forward = fwd.get_total_flops() / 2  # per sample
+    # 128 -> 32: 4 teacher steps x 2 (CFG) forwards, then the student's forward + backward (~3 forwards)
+    expected = (4 * 2 + 3) * per_forward
+    assert abs(rows[0]["TFLOP/step"] * 1e12 / expected - 1) < 0.05
+
+
+def test_loop_overhead_and_data_benchmarks_run(tmp_path):
+    import data_loading
+    import loop_overhead
+
+    results = tmp_path / "RESULTS.md"
+    row = loop_overhead.main(["--steps", "8", "--results", str(results)])
+    assert row["bare ms/step"] > 0 and row["loop ms/step"] > 0
+    rows = data_loading.main(["--rows", "16", "--shard", "8", "--latent", "8", "--batch", "4", "--batches", "3",
+                              "--workers", "0", "--step-seconds", "1.0", "--results", str(results)])
+    assert rows[0]["samples/s"] > 0 and rows[0]["step demand samples/s"] == 4.0
+    text = results.read_text()
+    assert text.count("### ") == 2 and "Loop overhead" in text and "Cached-latent loading" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.strategies import DDPStrategy
 from torch import nn
 
 from .recipe import FabricConfig
@@ -35,7 +36,7 @@ def strategy_name(config: FabricConfig) -> str:
 def build_fabric(config: FabricConfig, callbacks: list[Any]) -> Any:
     """A Fabric for the recipe's devices, precision and strategy (not yet launched)."""
     from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.fabric.strategies import ModelParallelStrategy
 
     name = strategy_name(config)
     strategy: Any
@@ -62,6 +63,4 @@ def build_fabric(config: FabricConfig, callbacks: list[Any]) -> Any:
 
 def uses_wrapper(fabric: Any) -> bool:
     """Whether set-up modules are wrapped (DDP) rather than sharded in place or left alone."""
-    from lightning.fabric.strategies import DDPStrategy
-
     return isinstance(fabric.strategy, DDPStrategy)

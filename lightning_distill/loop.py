@@ -148,8 +148,10 @@ def _setup_phase(
         trained = name in phase.optimizers
         if not trained:
             module.requires_grad_(False).eval()
-        # DDP refuses modules without trainable parameters; frozen ones just move (FSDP2 shards them too).
-        modules[name] = fabric.setup_module(module) if trained or not uses_wrapper(fabric) else fabric.to_device(module)
+        if trained or not uses_wrapper(fabric):
+            modules[name] = fabric.setup_module(module)
+        else:  # DDP refuses modules without trainable parameters: convert (bf16-true) and move frozen ones
+            modules[name] = fabric.to_device(fabric.strategy.precision.convert_module(module))
     optimizers = {}
     for name, settings in phase.optimizers.items():
         params = [p for p in modules[name].parameters() if p.requires_grad]
@@ -160,6 +162,11 @@ def _setup_phase(
 
 
 def _views(modules: dict[str, nn.Module], active: str | None) -> dict[str, nn.Module]:
-    """The module being stepped goes through its strategy wrapper (DDP gradient sync); the others are called
-    unwrapped, so no wrapper waits for gradients that will never come. FSDP2 hooks live on the modules."""
-    return {n: m if n == active else getattr(m, "_original_module", m) for n, m in modules.items()}
+    """Modules as the method should call them. Under DDP the module being stepped goes through its wrapper
+    (gradient sync) and the others are called unwrapped, so no wrapper waits for gradients that never come.
+    Elsewhere every module is called unwrapped: FSDP2's hooks live on the modules themselves, autocast is the
+    loop's, and the modules cast their own inputs, so Fabric's per-call wrapper would be pure overhead."""
+    from .distributed import DDPStrategy
+
+    ddp = any(isinstance(getattr(m, "_strategy", None), DDPStrategy) for m in modules.values())
+    return {n: m if (ddp and n == active) else getattr(m, "_original_module", m) for n, m in modules.items()}

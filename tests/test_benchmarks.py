@@ -49,7 +49,7 @@ def test_loop_overhead_and_data_benchmarks_run(tmp_path):
     import loop_overhead
 
     results = tmp_path / "RESULTS.md"
-    row = loop_overhead.main(["--steps", "8", "--results", str(results)])
+    row = loop_overhead.main(["--steps", "8", "--rounds", "1", "--results", str(results)])
     assert row["bare ms/step"] > 0 and row["loop ms/step"] > 0
     rows = data_loading.main(["--rows", "16", "--shard", "8", "--latent", "8", "--batch", "4", "--batches", "3",
                               "--workers", "0", "--step-seconds", "1.0", "--results", str(results)])

@@ -64,11 +64,13 @@ class ToyDenoiser(nn.Module):
         return self.time(timestep_embedding(t, self.config.channels)) + self.text(cond["pooled"])
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        emb = self.embed(t, cond)
-        h = self.conv_in(x)
+        dtype = self.conv_in.weight.dtype  # called unwrapped, the module casts its own inputs (bf16-true)
+        cond = {k: v.to(dtype) for k, v in cond.items()}
+        emb = self.embed(t, cond).to(dtype)
+        h = self.conv_in(x.to(dtype))
         for block in self.blocks:
             h = block(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).to(x.dtype)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Submodules sharded as their own FSDP2 units."""

@@ -22,6 +22,13 @@ EPILOG = """examples:
 """
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-distill",
@@ -42,19 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("recipe")
     cache.add_argument("overrides", nargs="*")
     cache.add_argument("--out", required=True, help="cache folder (then train with data: {name: cached, root: DIR})")
-    cache.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
+    cache.add_argument("--shard-size", type=positive, default=1000, help="samples per shard file (default 1000)")
     export = sub.add_parser("export", help="write a finished phase of a run for diffusers or ComfyUI")
     export.add_argument("run", help="run folder (the --out of train)")
     export.add_argument("--format", choices=["diffusers", "lora", "comfyui"], default="diffusers")
     export.add_argument("--stage", help="stage or phase name (default: the last finished phase)")
-    export.add_argument("--rank", type=int, default=64, help="LoRA rank for lora/comfyui (default 64)")
+    export.add_argument("--rank", type=positive, default=64, help="LoRA rank for lora/comfyui (default 64)")
     export.add_argument("--out", required=True, help="folder to write")
     sample = sub.add_parser("sample", help="an image grid from a run or an exported model")
     sample.add_argument("model", help="run folder, or a folder written by export")
     sample.add_argument("--prompt", action="append", default=[], help="repeat for several images")
-    sample.add_argument("--steps", type=int, help="default: the model's step count")
+    sample.add_argument("--steps", type=positive, help="default: the model's step count")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--size", type=int, help="image size in pixels (default: the recipe's resolution, or 1024)")
+    sample.add_argument("--size", type=positive, help="image size in pixels (default: the recipe's resolution, or 1024)")
     sample.add_argument("--stage", help="run folders: stage or phase name (default: the last finished phase)")
     sample.add_argument("--base", help="exported models: base pipeline (default: the one it was distilled from)")
     sample.add_argument("--out", required=True, help="PNG file to write")
@@ -105,8 +112,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"exported {meta['phase']} ({meta['steps']} steps, {meta['prediction']}) as {args.format} to {args.out}")
         return 0
     if args.command == "sample":
-        from .sampling import sample_exported, sample_run, save_grid
+        from .sampling import check_output, sample_exported, sample_run, save_grid
 
+        check_output(Path(args.out), args.size)
         model = Path(args.model)
         if (model / "recipe.yaml").is_file():
             images = sample_run(model, args.prompt, args.steps, args.seed, args.size, args.stage)

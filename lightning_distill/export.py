@@ -87,12 +87,15 @@ def _unet_source(loaded: LoadedRecipe) -> tuple[str, str]:
 
 
 def base_unet(loaded: LoadedRecipe) -> Any:
+    """The base UNet in float32, rounded through the teacher's dtype as the student's starting point was."""
     from diffusers import UNet2DConditionModel
 
-    from .components.sdxl import _load
+    from .components.sdxl import DTYPES, _load
 
     pretrained, subfolder = _unet_source(loaded)
-    return _load(UNet2DConditionModel, pretrained, subfolder, torch_dtype=torch.float32)
+    teacher = loaded.recipe.method.config.teacher.config
+    unet = _load(UNet2DConditionModel, pretrained, subfolder, variant=teacher.variant, torch_dtype=DTYPES[teacher.dtype])
+    return unet.to(torch.float32)
 
 
 def scheduler_for(loaded: LoadedRecipe, prediction: str) -> Any:
@@ -104,7 +107,19 @@ def scheduler_for(loaded: LoadedRecipe, prediction: str) -> Any:
     base = EulerDiscreteScheduler.from_pretrained(str(folder)) if folder.is_dir() else EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
-    return EulerDiscreteScheduler.from_config(base.config, timestep_spacing="trailing", prediction_type=prediction)
+    return lightning_scheduler(base.config, prediction)
+
+
+def lightning_scheduler(config: Any, prediction: str) -> Any:
+    """Euler on the discrete schedule with trailing spacing and a last sigma of zero, whatever the base config
+    says otherwise: the sampling our ``sample_latents`` reproduces."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(
+        config, timestep_spacing="trailing", prediction_type=prediction, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero",
+        rescale_betas_zero_snr=False, interpolation_type="linear",
+    )
 
 
 def lora_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
@@ -126,7 +141,10 @@ def extract_lora(loaded: LoadedRecipe, trained: dict[str, Tensor], rank: int) ->
     from .components.adapters import LoRA
 
     base = base_unet(loaded)
-    targets = LoRA(LoRA.Config(rank=rank)).targets(base)
+    excludes = {tuple(p.options["adapter"].config.exclude) for p in loaded.recipe.schedule.build().phases()
+                if p.options["adapter"].name == "lora"}
+    exclude = list(next(iter(excludes))) if len(excludes) == 1 else LoRA.Config().exclude  # the run's own rule
+    targets = LoRA(LoRA.Config(rank=rank, exclude=exclude)).targets(base)
     base_state = base.state_dict()
     lora: dict[str, Tensor] = {}
     errors, untouched = [], 0.0
@@ -135,7 +153,7 @@ def extract_lora(loaded: LoadedRecipe, trained: dict[str, Tensor], rank: int) ->
         new = trained[key].float()
         if key in target_weights:
             delta = new - value.float()
-            if delta.abs().max() == 0:
+            if delta.abs().max() <= 1e-12:
                 continue
             a, b, err = lora_factors(delta, rank)
             name = key[: -len(".weight")]
@@ -150,6 +168,12 @@ def extract_lora(loaded: LoadedRecipe, trained: dict[str, Tensor], rank: int) ->
         "max_relative_error": max(errors, default=0.0),
         "max_change_outside_lora": untouched,
     }
+    if info["max_relative_error"] > 1e-3:
+        log.warning(
+            "LoRA export: rank %d leaves a relative error of up to %.3g (the merged LoRAs of the run add up to a "
+            "higher rank); pass a larger --rank, or export --format diffusers for the exact weights",
+            rank, info["max_relative_error"],
+        )
     if untouched > 0:
         log.warning(
             "LoRA export: weights outside the LoRA targets changed (up to %.3g) and are not in the LoRA; "
@@ -172,20 +196,42 @@ def to_comfyui(lora: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def check_out(out: Path, run_dir: Path) -> Path:
+    """``--out`` must be new, empty, or an earlier export (which is then replaced); never the run or a parent."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out == run_dir.resolve() or out in run_dir.resolve().parents:
+        raise UserError(f"--out {out} would replace the run folder {run_dir}; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "lightning_distill.json").is_file():
+        raise UserError(f"--out {out} is not empty and holds no export; choose a new or empty folder")
+    return out
+
+
 def _write_atomically(out: Path, write: Any) -> None:
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".old-{out.name}")
+    if out.exists():  # an earlier export: set aside, then removed once the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank: int = 64) -> dict[str, Any]:
     """Write the chosen phase of ``run_dir`` to ``out`` in ``fmt``; returns what was written."""
     run_dir = Path(run_dir)
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
     loaded = load_run(run_dir)
+    out = check_out(Path(out), run_dir)
     phase = pick_phase(run_dir, loaded, stage)
     prediction = prediction_of(loaded, phase)
     steps = phase.options["student_steps"]

@@ -13,6 +13,7 @@ from torch.utils.data import default_collate
 
 from .checkpoint import Artifacts, Checkpoints, rng_state, set_rng_state
 from .config import Spec
+from .errors import UserError
 from .data import make_loader
 from .method import Method, Phase
 from .recipe import Recipe
@@ -34,6 +35,11 @@ def fit(
     ckpts.clean_partial()
     resume = ckpts.latest()
     meta = ckpts.meta(resume) if resume else {"step": 0, "phase": -1}
+    if resume and meta["world_size"] != fabric.world_size:
+        raise UserError(
+            f"{resume} was written by {meta['world_size']} processes, this run has {fabric.world_size}; "
+            "resume with the same devices x num_nodes"
+        )
     step: int = meta["step"]
 
     dataset = recipe.data.build(seed=recipe.seed)

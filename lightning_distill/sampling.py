@@ -43,9 +43,11 @@ def sample_run(
     loaded = load_run(run_dir)
     recipe = loaded.recipe
     phase = pick_phase(run_dir, loaded, stage)
+    device = _device()
     teacher = recipe.method.config.teacher.build(seed=recipe.seed)
     teacher.denoiser.load_state_dict(student_state(run_dir, phase))
-    codec = recipe.codec.build()
+    teacher.to(device)
+    codec = recipe.codec.build().to(device)
     steps = steps or phase.options["student_steps"]
     if hasattr(codec, "encode_text"):
         if not prompts:
@@ -53,7 +55,7 @@ def sample_run(
         from .components.sdxl import default_time_ids
 
         size = size or getattr(recipe.data.config, "resolution", 1024)
-        cond = codec.encode_text(prompts, default_time_ids(size, size, len(prompts)))
+        cond = codec.encode_text(prompts, default_time_ids(size, size, len(prompts), device))
         f = codec.scale_factor
         shape = (len(prompts), teacher.denoiser.unet.config.in_channels, size // f, size // f)
     else:
@@ -64,9 +66,9 @@ def sample_run(
 
         data = recipe.data.build(seed=recipe.seed)
         batch = default_collate([data[i] for i in range(min(8, len(data)))])
-        cond = {k: v for k, v in batch.items() if k not in ("latents", "pixels", "caption")}
+        cond = {k: v.to(device) for k, v in batch.items() if k not in ("latents", "pixels", "caption")}
         shape = tuple(batch["latents"].shape)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)  # drawn on the CPU, as diffusers
     latents = sample_latents(teacher.denoiser, teacher.schedule, prediction_of(loaded, phase), noise, cond, steps)
     return ((codec.decode(latents)[:, :3].float().clamp(-1, 1) + 1) / 2).cpu()
 
@@ -80,6 +82,8 @@ def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = Non
     if not meta_file.is_file():
         raise UserError(f"{model_dir}: not an export folder or run folder (no lightning_distill.json or recipe.yaml)")
     meta = json.loads(meta_file.read_text())
+    if not prompts:
+        raise UserError("give at least one --prompt")
     base = base or meta["base"]
     if meta["format"] == "diffusers":
         unet = UNet2DConditionModel.from_pretrained(str(Path(model_dir) / "unet"))
@@ -89,13 +93,28 @@ def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = Non
         pipe = StableDiffusionXLPipeline.from_pretrained(base)
         pipe.load_lora_weights(str(model_dir), weight_name="pytorch_lora_weights.safetensors")
         pipe.fuse_lora()
-        pipe.scheduler = EulerDiscreteScheduler.from_config(
-            pipe.scheduler.config, timestep_spacing="trailing", prediction_type=meta["prediction"]
-        )
+        from .export import lightning_scheduler
+
+        pipe.scheduler = lightning_scheduler(pipe.scheduler.config, meta["prediction"])
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(_device())
     out = pipe(prompt=prompts, num_inference_steps=steps or meta["steps"], guidance_scale=0.0, height=size,
                width=size, generator=torch.Generator().manual_seed(seed), output_type="pt")
     return out.images.float().cpu()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_output(path: Path, size: int | None) -> None:
+    """Mistakes in ``--out``/``--size`` are caught before any sampling."""
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out {path}: give an image file name such as grid.png")
+    if size is not None and (size < 8 or size % 8):
+        raise UserError(f"--size must be a positive multiple of 8, got {size}")
 
 
 def save_grid(images: Tensor, path: Path) -> None:

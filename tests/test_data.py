@@ -182,3 +182,67 @@ def test_unfinished_cache_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"complete": False, "shards": []}))
     with pytest.raises(UserError, match="unfinished"):
         _make("cached", root=str(tmp_path))
+
+
+def test_tar_keys_follow_webdataset_rules(tmp_path):
+    """Keys are the path up to the first dot of the file name: dotted folders and ./ prefixes stay intact."""
+    shard = tmp_path / "dotted.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("./dir.v1/a.png", _png(20, 20, 1)), ("./dir.v1/a.txt", b"a red cat"),
+                           ("dir.v1/b.png", _png(20, 20, 2)), ("dir.v1/b.json", json.dumps({"caption": "a dog"}).encode()),
+                           ("dir.v1/c.txt", b"a caption without an image"),
+                           ("dir.v1/d.png", _png(20, 20, 3)), ("dir.v1/d.txt", b"\xff\xfe not utf-8")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ds = _make("tar_shards", shards=[str(shard)], resolution=16)
+    assert [r.key for r in ds.records] == ["dir.v1/a", "dir.v1/b"]
+    assert [ds[i]["caption"] for i in range(2)] == ["a red cat", "a dog"]
+    report = ds.report()
+    assert "no image" in report and "missing caption" in report  # c has no image; d's caption is unreadable
+
+
+def test_compressed_shards_are_a_clear_error(tmp_path):
+    shard = tmp_path / "x.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar:
+        info = tarfile.TarInfo("a.png")
+        data = _png(20, 20, 1)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match="uncompressed"):
+        _make("tar_shards", shards=[str(shard)], resolution=16)
+
+
+def test_a_cache_of_other_settings_is_not_resumed(samples, tmp_path):
+    from lightning_distill.components.cache import build_cache
+
+    class Spec:
+        def __init__(self, obj, d):
+            self.obj, self.d = obj, d
+
+        def build(self, **_):
+            return self.obj
+
+        def to_dict(self):
+            return self.d
+
+    class Codec(torch.nn.Module):
+        def encode(self, pixels):
+            return pixels[:, :1, ::4, ::4]
+
+        def encode_text(self, captions, time_ids):
+            n = len(captions)
+            return {"text": torch.zeros(n, 2, 3), "pooled": torch.zeros(n, 3), "time_ids": time_ids}
+
+    class Recipe:
+        seed = 0
+        data = Spec(_make("image_folder", root=str(samples["folder"]), resolution=16), {"name": "image_folder"})
+        codec = Spec(Codec(), {"name": "test"})
+        train = type("T", (), {"batch_size": 2})
+
+    out = tmp_path / "cache"
+    assert build_cache(Recipe, out, shard_size=4)["total"] == 6
+    with pytest.raises(UserError, match="other data, codec or shard size"):
+        build_cache(Recipe, out, shard_size=3)
+    (out / "shard-00001.safetensors").write_bytes(b"cut short")  # a damaged shard is encoded again
+    assert build_cache(Recipe, out, shard_size=4)["total"] == 6

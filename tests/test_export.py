@@ -114,3 +114,17 @@ def test_export_errors_are_user_errors(lora_run, tmp_path):
     result = run_cli("export", str(tmp_path), "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "not a run folder" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_export_never_replaces_the_run_or_a_foreign_folder(lora_run, tmp_path):
+    foreign = tmp_path / "models"
+    foreign.mkdir()
+    (foreign / "precious.bin").write_bytes(b"x")
+    for out in (lora_run, lora_run.parent, foreign):
+        result = run_cli("export", str(lora_run), "--out", str(out))
+        assert result.returncode == 2, result.stderr[-2000:]
+    assert (foreign / "precious.bin").is_file() and (lora_run / "recipe.yaml").is_file()
+    result = run_cli("export", str(lora_run), "--rank", "0", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "positive" in result.stderr
+    result = run_cli("sample", str(lora_run), "--prompt", "a cat", "--size", "12", "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "multiple of 8" in result.stderr

@@ -8,6 +8,7 @@ root: DIR}``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -75,19 +76,39 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     codec.to(device)
     batch_size = batch_size or recipe.train.batch_size
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".tmp-*"):
+        tmp.unlink()
     n = len(dataset)
+    # a resumed cache must be the same cache: same data, codec, shard size and samples
+    keys = [getattr(r, "key", str(i)) for i, r in enumerate(getattr(dataset, "records", range(n)))]
+    fingerprint = {"data": recipe.data.to_dict(), "codec": recipe.codec.to_dict(), "shard_size": shard_size,
+                   "samples": n, "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+    stamp = out / "cache.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != fingerprint:
+        raise UserError(
+            f"{out} holds a cache of other data, codec or shard size; use another --out or delete the folder"
+        )
+    _write_durably(stamp, json.dumps(fingerprint, indent=2).encode())
     shards = []
     with tqdm(total=n, unit="img", desc=f"caching into {out}") as bar:
         for start in range(0, n, shard_size):
             name = f"shard-{start // shard_size:05d}.safetensors"
             path = out / name
             stop = min(n, start + shard_size)
-            if path.is_file():  # finished by an earlier run
-                with safe_open(str(path), framework="pt") as f:
-                    shards.append({"file": name, "count": f.get_slice("latents").get_shape()[0]})
-                bar.update(stop - start)
-                continue
+            if path.is_file():  # finished by an earlier run, unless damaged
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        count = f.get_slice("latents").get_shape()[0]
+                except Exception:  # a shard cut short by a crash: encode it again
+                    count = -1
+                if count == stop - start:
+                    shards.append({"file": name, "count": count})
+                    bar.update(stop - start)
+                    continue
+                path.unlink()
             rows: dict[str, list[Tensor]] = {k: [] for k in FIELDS}
             for b in range(start, stop, batch_size):
                 batch = default_collate([dataset[i] for i in range(b, min(stop, b + batch_size))])
@@ -100,12 +121,28 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
             tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
             tmp = out / f".tmp-{name}"
             save_file(tensors, str(tmp))
+            _fsync(tmp)
             os.replace(tmp, path)
+            _fsync(out)
             shards.append({"file": name, "count": int(tensors["latents"].shape[0])})
     report = dataset.report() if hasattr(dataset, "report") else None
     manifest = {"complete": True, "total": sum(s["count"] for s in shards), "shards": shards,
                 "codec": recipe.codec.to_dict(), "data": recipe.data.to_dict(), "skipped": report}
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
+    _write_durably(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)

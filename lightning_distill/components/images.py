@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import logging
+import posixpath
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def folder_records(root: Path, caption_suffix: str = ".txt") -> list[Record]:
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         caption = meta.get(str(path.resolve()))
         if caption is None and path.with_suffix(caption_suffix).is_file():
-            caption = path.with_suffix(caption_suffix).read_text().strip()
+            caption = path.with_suffix(caption_suffix).read_text(errors="replace").strip()
         key = str(path.relative_to(root).with_suffix(""))
         records.append(Record(key, ("file", str(path)), caption, str(path)))
     return records
@@ -84,28 +85,41 @@ def tar_records(patterns: list[str]) -> list[Record]:
     records = []
     for tar_path in paths:
         try:
-            with tarfile.open(tar_path) as tar:
+            # uncompressed only: images are read later by offset, which a compressed stream does not have
+            with tarfile.open(tar_path, "r:") as tar:
                 groups: dict[str, dict[str, tarfile.TarInfo]] = {}
                 for member in tar.getmembers():
-                    if member.isfile():
-                        key, _, ext = member.name.partition(".")
-                        groups.setdefault(key, {})[ext.lower()] = member
+                    if member.isfile():  # webdataset: the key is the path up to the first dot of the file name
+                        folder, name = posixpath.split(member.name.removeprefix("./"))
+                        stem, _, ext = name.partition(".")
+                        groups.setdefault(posixpath.join(folder, stem), {})[ext.lower()] = member
                 for key in sorted(groups):
                     members = groups[key]
                     image = next((members[e] for e in ("png", "jpg", "jpeg", "webp") if e in members), None)
                     if image is None:
+                        records.append(Record(key, ("missing",), None, f"{tar_path}:{key} (no image)"))
                         continue
-                    caption = None
-                    if "txt" in members:
-                        caption = tar.extractfile(members["txt"]).read().decode().strip()  # type: ignore[union-attr]
-                    elif "json" in members:
-                        row = json.loads(tar.extractfile(members["json"]).read())  # type: ignore[union-attr]
-                        caption = row.get("caption", row.get("text"))
                     where = ("tar", tar_path, image.offset_data, image.size)
-                    records.append(Record(key, where, caption, f"{tar_path}:{image.name}"))
+                    records.append(Record(key, where, _tar_caption(tar, members), f"{tar_path}:{image.name}"))
+        except tarfile.ReadError as err:
+            raise UserError(f"data.shards: {tar_path} is not an uncompressed tar ({err}); use plain .tar shards") from err
         except (tarfile.TarError, OSError) as err:
             raise UserError(f"data.shards: cannot read {tar_path}: {err}") from err
     return records
+
+
+def _tar_caption(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> str | None:
+    """The ``.txt`` caption, or ``caption``/``text`` of the ``.json``; None when missing or unreadable."""
+    try:
+        if "txt" in members:
+            return tar.extractfile(members["txt"]).read().decode().strip()  # type: ignore[union-attr]
+        if "json" in members:
+            row = json.loads(tar.extractfile(members["json"]).read())  # type: ignore[union-attr]
+            caption = row.get("caption", row.get("text"))
+            return caption if isinstance(caption, str) else None
+    except (UnicodeDecodeError, ValueError, AttributeError, tarfile.TarError):
+        return None
+    return None
 
 
 class ImageCaptionDataset(Dataset):
@@ -137,13 +151,16 @@ class ImageCaptionDataset(Dataset):
         """A header scan: cheap, catches missing captions, non-images and small images."""
         from PIL import Image, UnidentifiedImageError
 
+        if r.where[0] == "missing":
+            self._skip("no image", r.path)
+            return False
         if not r.caption:
             self._skip("missing caption", r.path)
             return False
         try:
             with Image.open(io.BytesIO(_read(r.where))) as im:
                 w, h = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        except (UnidentifiedImageError, Image.DecompressionBombError, Exception):  # any failure: skip, count
             self._skip("unreadable image", r.path)
             return False
         if min(w, h) < self.min_size:
@@ -167,7 +184,7 @@ class ImageCaptionDataset(Dataset):
             r = self.records[(i + k) % len(self.records)]
             try:
                 return self._load(r, i)
-            except (OSError, SyntaxError, ValueError) as err:
+            except Exception as err:  # PIL raises many kinds (OSError, EOFError, zlib.error, ...): skip, count
                 self._skip("truncated or corrupt image", r.path)
                 log.warning("skipping %s: %s", r.path, err)
         raise UserError("no image of the data set could be decoded")

@@ -7,7 +7,10 @@ Frozen modules (the teacher) are sharded too and simply get no optimizer.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import torch
 
 from lightning.fabric.strategies import DDPStrategy
 from torch import nn
@@ -15,15 +18,21 @@ from torch import nn
 from .recipe import FabricConfig
 
 
-def parallelize(module: nn.Module, device_mesh: Any) -> nn.Module:
-    """FSDP2 ``parallelize_fn``: shard each ``fsdp_units()`` submodule, then the module itself."""
-    from torch.distributed.fsdp import fully_shard
+def parallelize(module: nn.Module, device_mesh: Any, offload_frozen: bool = False) -> nn.Module:
+    """FSDP2 ``parallelize_fn``: shard each ``fsdp_units()`` submodule, then the module itself.
+
+    With ``offload_frozen``, a module with no trainable parameter (the teacher) keeps its shards in CPU memory
+    and copies them to the device per unit as it runs.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    frozen = not any(p.requires_grad for p in module.parameters())
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload_frozen and frozen else OffloadPolicy()
     units = getattr(module, "fsdp_units", None)
     for unit in units() if units else []:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
+    fully_shard(module, mesh=mesh, offload_policy=policy)
     return module
 
 
@@ -42,7 +51,7 @@ def build_fabric(config: FabricConfig, callbacks: list[Any]) -> Any:
     strategy: Any
     if name == "fsdp2":
         strategy = ModelParallelStrategy(
-            parallelize_fn=parallelize,
+            parallelize_fn=functools.partial(parallelize, offload_frozen=config.offload_frozen),
             data_parallel_size=config.devices * config.num_nodes,
             tensor_parallel_size=1,
             save_distributed_checkpoint=config.distributed_checkpoint,

@@ -58,7 +58,7 @@ def fit(
         if step >= phase.end:
             continue
         fabric.seed_everything(recipe.seed + phase.index, verbose=False)  # same fresh modules on every rank
-        modules, optimizers = _setup_phase(fabric, method, phase, artifacts, recipe.optimizer)
+        modules, optimizers = _setup_phase(fabric, method, phase, artifacts, recipe.optimizer, cfg.compile)
         trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phase.optimizers}
         state = {n: {"model": modules[n], "optimizer": o} for n, o in optimizers.items()}
         if meta["phase"] == phase.index:  # resume inside this phase
@@ -143,7 +143,7 @@ def optimizer_step(
 
 
 def _setup_phase(
-    fabric: Any, method: Method, phase: Phase, artifacts: Artifacts, optimizer: Spec
+    fabric: Any, method: Method, phase: Phase, artifacts: Artifacts, optimizer: Spec, compile: bool = False
 ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """Build the phase's modules, hand them to the strategy, and make one optimizer per trained module."""
     from .distributed import uses_wrapper
@@ -154,6 +154,8 @@ def _setup_phase(
         trained = name in phase.optimizers
         if not trained:
             module.requires_grad_(False).eval()
+        if compile:
+            module.compile()  # in place: parameter names, and so checkpoints, are unchanged
         if trained or not uses_wrapper(fabric):
             modules[name] = fabric.setup_module(module)
         else:  # DDP refuses modules without trainable parameters: convert (bf16-true) and move frozen ones

@@ -34,6 +34,8 @@ class FabricConfig:
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
     distributed_checkpoint: bool = True
     """fsdp2 only: write sharded checkpoints (one folder, each rank its shard) rather than one gathered file."""
+    offload_frozen: bool = False
+    """fsdp2 only: keep the frozen teacher's shards in CPU memory, copied to the device unit by unit as it runs."""
 
 
 @dataclass(kw_only=True)
@@ -53,6 +55,9 @@ class TrainConfig:
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
     preview_every: Annotated[int, Min(0)] = 0
     """Steps between sample grids; 0: only at the end of each phase."""
+    compile: bool = False
+    """``torch.compile`` every module of a phase in place (``nn.Module.compile``: weights and checkpoints keep
+    their names). The first steps of each phase then include compilation."""
 
 
 @dataclass(kw_only=True)
@@ -191,6 +196,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         raise RecipeError("expected a list of module names", path="imports", source=source("imports"))
     import_modules(imports)
     recipe = validate(resolved, Recipe, source=source)
+    if recipe.fabric.offload_frozen and recipe.fabric.strategy != "fsdp2":
+        raise RecipeError("offload_frozen needs strategy: fsdp2", path="fabric.offload_frozen", source=source("fabric"))
     phases = recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
     check = getattr(recipe.method.component(), "check", None)
     if check is not None:

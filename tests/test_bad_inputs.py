@@ -50,6 +50,8 @@ CASES = {
     "component name not a string": (lambda p: [str(DEBUG_RECIPE), "method.name=[a]"], ["expected a method name"]),
     "renoise out of range": (lambda p: [str(DEBUG_RECIPE), "schedule.stages.1.phases.0.renoise_timesteps=[10, 1000]"],
                              ["renoise_timesteps must lie in [0, 1000)"]),
+    "offload without fsdp2": (lambda p: [str(DEBUG_RECIPE), "fabric.offload_frozen=true"],
+                              ["fabric.offload_frozen", "needs strategy: fsdp2"]),
     "adversarial without discriminator": (lambda p: [str(DEBUG_RECIPE), "method.discriminator=null"],
                                           ["method.discriminator", "adversarial phases"]),
     "error in a list a child replaced": (

@@ -50,3 +50,12 @@ def test_ddp_two_processes_each_draw_their_own_noise(cli, tmp_path):
     assert r0["loader"]["_sampler_iter_state"]["samples_yielded"] == 14 * 2 * 4
 
 
+
+
+def test_fsdp2_teacher_offload_changes_no_number(cli, tmp_path):
+    short = ["schedule.stages.0.phases.0.steps=2", "schedule.stages.1.phases.0.steps=2", "schedule.stages.1.phases.1.steps=1"]
+    plain, offload = tmp_path / "plain", tmp_path / "offload"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(plain), *FSDP2, *short).returncode == 0
+    result = cli("train", str(DEBUG_RECIPE), "--out", str(offload), *FSDP2, *short, "fabric.offload_frozen=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same(_final_weights(plain), _final_weights(offload))

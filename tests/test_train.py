@@ -149,3 +149,19 @@ def test_fsdp2_bf16_accumulating_run_resumes_bit_identical(cli, tmp_path):
         assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts, env={"LD_KILL_AT_STEP": kill_at}).returncode
     assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts).returncode == 0
     _assert_same(_final_weights(whole), _final_weights(killed))
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_the_eager_one(cli, tmp_path):
+    """train.compile: the same run, compiled (inductor on CPU), ends with nearly the same weights."""
+    short = ["schedule.stages.0.phases.0.steps=2", "schedule.stages.1.phases.0.steps=2", "schedule.stages.1.phases.1.steps=1"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(eager), *short).returncode == 0
+    result = cli("train", str(DEBUG_RECIPE), "--out", str(compiled), *short, "train.compile=true", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _final_weights(eager), _final_weights(compiled)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert torch.allclose(a[name][k], b[name][k], atol=1e-4), (name, k)

@@ -33,16 +33,17 @@ class NoiseSchedule:
         self.config = config or NoiseScheduleConfig()
         c = self.config
         if c.beta_schedule == "scaled_linear":
-            betas = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float64) ** 2
+            betas = torch.linspace(c.beta_start**0.5, c.beta_end**0.5, c.num_train_timesteps, dtype=torch.float64,
+                                   device="cpu") ** 2  # a table on the CPU, even when modules are built on meta
         else:
-            betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
+            betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64, device="cpu")
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.T = c.num_train_timesteps
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ at integer timesteps ``t`` (``-1`` -> 1), as float64."""
         t = torch.as_tensor(t)
-        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(t.device)
+        table = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), self.alphas_cumprod]).to(t.device)
         return table[t.long() + 1]
 
     def timesteps(self, n: int, spacing: Literal["trailing", "leading", "linspace"] = "trailing") -> list[int]:

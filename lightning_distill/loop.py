@@ -148,7 +148,9 @@ def _setup_phase(
     """Build the phase's modules, hand them to the strategy, and make one optimizer per trained module."""
     from .distributed import uses_wrapper
 
-    raw = method.build_phase(phase, artifacts)
+    meta_init = getattr(fabric, "meta_init", False)
+    raw = method.build_phase(phase, artifacts, empty=meta_init and fabric.global_rank != 0)
+    full = {name: m.state_dict() for name, m in raw.items()} if meta_init and fabric.global_rank == 0 else {}
     modules: dict[str, nn.Module] = {}
     for name, module in raw.items():
         trained = name in phase.optimizers
@@ -160,6 +162,12 @@ def _setup_phase(
             modules[name] = fabric.setup_module(module)
         else:  # DDP refuses modules without trainable parameters: convert (bf16-true) and move frozen ones
             modules[name] = fabric.to_device(fabric.strategy.precision.convert_module(module))
+    if meta_init:  # shards were materialised empty (or from rank 0's copy): fill them all from rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        for name, module in modules.items():
+            set_model_state_dict(getattr(module, "_original_module", module), full.get(name, {}), options=options)
     optimizers = {}
     for name, settings in phase.optimizers.items():
         params = [p for p in modules[name].parameters() if p.requires_grad]

@@ -75,9 +75,10 @@ ArtifactLoader = Callable[[int], dict[str, Tensor]]
 class Method:
     """Base class of training methods. Subclasses register in ``METHODS`` and implement the four calls below."""
 
-    def build_phase(self, phase: Phase, artifacts: ArtifactLoader) -> dict[str, nn.Module]:
+    def build_phase(self, phase: Phase, artifacts: ArtifactLoader, empty: bool = False) -> dict[str, nn.Module]:
         """Fresh, unsharded modules for ``phase`` by name. Those named in ``phase.optimizers`` are trained; the
-        others are frozen. ``artifacts(i)`` loads what phase ``i`` left (its students, for instance)."""
+        others are frozen. ``artifacts(i)`` loads what phase ``i`` left (its students, for instance). With
+        ``empty``, build the same modules on the meta device and load no weights (they arrive from rank 0)."""
         raise NotImplementedError
 
     def attach(self, modules: dict[str, nn.Module]) -> None:

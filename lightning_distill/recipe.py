@@ -36,6 +36,10 @@ class FabricConfig:
     """fsdp2 only: write sharded checkpoints (one folder, each rank its shard) rather than one gathered file."""
     offload_frozen: bool = False
     """fsdp2 only: keep the frozen teacher's shards in CPU memory, copied to the device unit by unit as it runs."""
+    meta_init: bool = False
+    """fsdp2 only: only rank 0 loads weights; the other ranks build every module on the meta device, and each
+    rank's shards are materialised on its device and filled from rank 0 (one copy of the models in host
+    memory per run instead of one per process)."""
 
 
 @dataclass(kw_only=True)
@@ -196,8 +200,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         raise RecipeError("expected a list of module names", path="imports", source=source("imports"))
     import_modules(imports)
     recipe = validate(resolved, Recipe, source=source)
-    if recipe.fabric.offload_frozen and recipe.fabric.strategy != "fsdp2":
-        raise RecipeError("offload_frozen needs strategy: fsdp2", path="fabric.offload_frozen", source=source("fabric"))
+    for flag in ("offload_frozen", "meta_init"):
+        if getattr(recipe.fabric, flag) and recipe.fabric.strategy != "fsdp2":
+            raise RecipeError(f"{flag} needs strategy: fsdp2", path=f"fabric.{flag}", source=source("fabric"))
     phases = recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
     check = getattr(recipe.method.component(), "check", None)
     if check is not None:

@@ -91,7 +91,8 @@ def _qualname(obj: Any) -> str:
 
 TEACHERS = Registry(
     "teacher",
-    """Frozen samplers. ``cls(config, *, seed: int) -> Teacher`` where a Teacher is an ``nn.Module`` with
+    """Frozen samplers. ``cls(config, *, seed: int, empty: bool = False) -> Teacher`` (``empty``: the same
+    architecture on the meta device, no weights read) where a Teacher is an ``nn.Module`` with
     ``forward(x_t, timesteps [B, n+1], cond, guidance) -> x at timesteps[:, -1]`` (no grad, n solver steps),
     ``predict(x, t, cond, guidance) -> (x0, eps)``, a ``schedule`` and a ``denoiser`` module.""",
 )

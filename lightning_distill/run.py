@@ -56,6 +56,7 @@ def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float] | None:
     check_run_folder(out_dir, loaded)
     callbacks = [spec.build(out_dir=out_dir) for spec in recipe.callbacks]
     fabric = build_fabric(recipe.fabric, callbacks)
+    fabric.meta_init = recipe.fabric.meta_init
     fabric.launch()
 
     def write_recipe() -> None:  # once the data opened: a run that cannot start leaves the folder as it was

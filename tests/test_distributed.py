@@ -52,10 +52,15 @@ def test_ddp_two_processes_each_draw_their_own_noise(cli, tmp_path):
 
 
 
-def test_fsdp2_teacher_offload_changes_no_number(cli, tmp_path):
-    short = ["schedule.stages.0.phases.0.steps=2", "schedule.stages.1.phases.0.steps=2", "schedule.stages.1.phases.1.steps=1"]
-    plain, offload = tmp_path / "plain", tmp_path / "offload"
+def test_fsdp2_teacher_offload_and_meta_init_change_no_number(cli, tmp_path):
+    """Offloading the teacher, and building on the meta device everywhere but rank 0 (a LoRA phase too), give
+    the very weights of the plain FSDP2 run."""
+    short = ["schedule.stages.0.phases.0.steps=2", "schedule.stages.1.phases.0.steps=2", "schedule.stages.1.phases.1.steps=1",
+             "schedule.stages.1.phases.1.adapter={name: lora, rank: 4, exclude: [conv_in, conv_out, time, text]}"]
+    plain = tmp_path / "plain"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(plain), *FSDP2, *short).returncode == 0
-    result = cli("train", str(DEBUG_RECIPE), "--out", str(offload), *FSDP2, *short, "fabric.offload_frozen=true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same(_final_weights(plain), _final_weights(offload))
+    for flag in ("offload_frozen", "meta_init"):
+        out = tmp_path / flag
+        result = cli("train", str(DEBUG_RECIPE), "--out", str(out), *FSDP2, *short, f"fabric.{flag}=true")
+        assert result.returncode == 0, result.stderr[-3000:]
+        _assert_same(_final_weights(plain), _final_weights(out))

@@ -76,20 +76,27 @@ class ProgressiveDistillation(Method):
     def _last_phase_of(self, stage: str) -> Phase:
         return [p for p in self.phases if p.stage == stage][-1]
 
-    def build_phase(self, phase: Phase, artifacts: ArtifactLoader) -> dict[str, nn.Module]:
+    def build_phase(self, phase: Phase, artifacts: ArtifactLoader, empty: bool = False) -> dict[str, nn.Module]:
+        if empty:
+            with torch.device("meta"):
+                return self._build(phase, artifacts, empty=True)
+        return self._build(phase, artifacts, empty=False)
+
+    def _build(self, phase: Phase, artifacts: ArtifactLoader, empty: bool) -> dict[str, nn.Module]:
         c = self.config
         self.phase = phase
         stages = list(dict.fromkeys(p.stage for p in self.phases))
         before = stages[: stages.index(phase.stage)]
         source = phase.options["teacher_from"] or (before[-1] if before else None)
-        teacher = c.teacher.build(seed=self.seed)
+        teacher = c.teacher.build(seed=self.seed, empty=empty) if empty else c.teacher.build(seed=self.seed)
         if source is not None:  # this stage's teacher: a previous stage's final (merged) student
             last = self._last_phase_of(source)
-            teacher.denoiser.load_state_dict(_strip(artifacts(last.index), "student.net."))
+            if not empty:
+                teacher.denoiser.load_state_dict(_strip(artifacts(last.index), "student.net."))
             teacher.prediction = last.options["prediction"] or c.student.config.prediction or teacher.prediction
         earlier = [p for p in self.phases if p.end <= phase.start]
         student = c.student.build(teacher=teacher, prediction=phase.options["prediction"])
-        if earlier:  # continue from the last phase's student (it may differ from the teacher: skip-level)
+        if earlier and not empty:  # continue from the last phase's student (it may differ from the teacher)
             student.load_state_dict(_strip(artifacts(earlier[-1].index), "student."))
         adapter = phase.options["adapter"].build()
         adapter.apply(student.net)

@@ -109,13 +109,17 @@ class SDXLTeacher(SamplerTeacher):
         noise_schedule: NoiseScheduleConfig | None = None
         """None: the scheduler config's betas, else SDXL's."""
 
-    def __init__(self, config: Config, *, seed: int = 0) -> None:
+    def __init__(self, config: Config, *, seed: int = 0, empty: bool = False) -> None:
         from diffusers import UNet2DConditionModel
 
-        unet = _load(
-            UNet2DConditionModel, config.pretrained, config.subfolder, variant=config.variant,
-            torch_dtype=DTYPES[config.dtype],
-        )
+        if empty:  # the architecture alone, on the meta device (the caller's context): no weights read
+            unet_config = UNet2DConditionModel.load_config(config.pretrained, subfolder=config.subfolder)
+            unet = UNet2DConditionModel.from_config(unet_config).to(DTYPES[config.dtype])
+        else:
+            unet = _load(
+                UNet2DConditionModel, config.pretrained, config.subfolder, variant=config.variant,
+                torch_dtype=DTYPES[config.dtype],
+            )
         found = scheduler_schedule(config.pretrained)
         schedule = config.noise_schedule or (found[0] if found else NoiseScheduleConfig())
         prediction = config.prediction or (found[1] if found else "epsilon")

@@ -89,11 +89,11 @@ class ToyTeacher(SamplerTeacher):
         prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
         noise_schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
 
-    def __init__(self, config: Config, *, seed: int = 0) -> None:
+    def __init__(self, config: Config, *, seed: int = 0, empty: bool = False) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             net = ToyDenoiser(config.net)
-        if config.weights:
+        if config.weights and not empty:
             from safetensors.torch import load_file
 
             net.load_state_dict(load_file(config.weights))

@@ -57,7 +57,8 @@ class SamplerTeacher(nn.Module):
             x: ``[B, C, H, W]`` at ``timesteps[:, 0]``.
             timesteps: ``[B, n + 1]`` integer timesteps, decreasing along each row.
         """
-        for i in range(timesteps.shape[1] - 1):
-            x0, eps = self.predict(x, timesteps[:, i], cond, guidance)
-            x = self.schedule.step(x0, eps, timesteps[:, i + 1])
-        return x
+        with torch.inference_mode():
+            for i in range(timesteps.shape[1] - 1):
+                x0, eps = self.predict(x, timesteps[:, i], cond, guidance)
+                x = self.schedule.step(x0, eps, timesteps[:, i + 1])
+        return x.clone()  # outside inference mode: a normal tensor, usable as a target in autograd

@@ -57,7 +57,7 @@ class SamplerTeacher(nn.Module):
             x: ``[B, C, H, W]`` at ``timesteps[:, 0]``.
             timesteps: ``[B, n + 1]`` integer timesteps, decreasing along each row.
         """
-        with torch.inference_mode():
+        with torch.inference_mode(not torch.compiler.is_compiling()):  # compiled code: no_grad alone
             for i in range(timesteps.shape[1] - 1):
                 x0, eps = self.predict(x, timesteps[:, i], cond, guidance)
                 x = self.schedule.step(x0, eps, timesteps[:, i + 1])

@@ -42,7 +42,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (before a rename that publishes them)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -113,15 +114,11 @@ class Checkpoints:
             meta = {**meta, "step": step, "world_size": fabric.world_size}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             for f in [*tmp.rglob("*"), tmp]:  # files and folders: the rename must not outrun their contents
-                if f.is_file():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
-                else:
-                    _fsync_dir(f)
+                fsync_path(f)
             if final.exists():  # an earlier run wrote this step and was killed before moving on
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         fabric.barrier()
@@ -174,10 +171,9 @@ class Artifacts:
             final = self.path(index)
             tmp = final.with_name(f".tmp-{final.name}")
             save_file(flat, str(tmp))
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         self.fabric.barrier()
 
     def __call__(self, index: int) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from ..checkpoint import fsync_path
 from ..errors import UserError
 from ..registry import DATA
 
@@ -121,9 +122,9 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
             tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
             tmp = out / f".tmp-{name}"
             save_file(tensors, str(tmp))
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, path)
-            _fsync(out)
+            fsync_path(out)
             shards.append({"file": name, "count": int(tensors["latents"].shape[0])})
     report = dataset.report() if hasattr(dataset, "report") else None
     manifest = {"complete": True, "total": sum(s["count"] for s in shards), "shards": shards,
@@ -132,17 +133,9 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
     return manifest
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_bytes(data)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)

@@ -39,11 +39,15 @@ class NoiseSchedule:
             betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64, device="cpu")
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.T = c.num_train_timesteps
+        self._tables: dict[torch.device, Tensor] = {}  # ᾱ with a leading 1 for t = -1, once per device
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ at integer timesteps ``t`` (``-1`` -> 1), as float64."""
         t = torch.as_tensor(t)
-        table = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), self.alphas_cumprod]).to(t.device)
+        table = self._tables.get(t.device)
+        if table is None:
+            ones = torch.ones(1, dtype=torch.float64, device="cpu")
+            table = self._tables[t.device] = torch.cat([ones, self.alphas_cumprod]).to(t.device)
         return table[t.long() + 1]
 
     def timesteps(self, n: int, spacing: Literal["trailing", "leading", "linspace"] = "trailing") -> list[int]:

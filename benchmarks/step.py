@@ -167,11 +167,18 @@ def run_case(case: tuple, tiny: bool, batch: int, steps: int, device: torch.devi
     rate = RATE[device.type]
     row = {"phase": case[0], "batch": batch, "step s": seconds, "samples/s": batch / seconds,
            "peak GiB": peak, "TFLOP/step": flops / 1e12, "MFU %": 100 * flops / (seconds * rate)}
-    del modules, optimizers, method
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
+
+
+def run_cases(cases: list[tuple], tiny: bool, batch: int, steps: int, device: torch.device) -> list[dict[str, object]]:
+    """Each case in turn, freeing the previous case's models before the next one is built."""
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, tiny, batch, steps, device))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 RATE: dict[str, float] = {}
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     cases = [c for c in CASES if not args.cases or c[0] in args.cases]
     if device.type == "cpu":
         cases = [c for c in cases if c[4] != "adam8bit"]  # bitsandbytes' 8-bit Adam is for CUDA
-    rows = [run_case(c, args.tiny, args.batch, args.steps, device) for c in cases]
+    rows = run_cases(cases, args.tiny, args.batch, args.steps, device)
     size = "tiny UNet, 128 px" if args.tiny else "SDXL UNet, 1024 px"
     record(f"Training step per phase ({size}; matmul rate {RATE[device.type] / 1e12:.3g} TFLOP/s)", command,
            device_name(device), rows, results)

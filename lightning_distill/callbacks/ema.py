@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..method import Phase
 from ..registry import CALLBACKS
 from .base import Callback
 

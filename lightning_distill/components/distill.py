@@ -128,10 +128,13 @@ class ProgressiveDistillation(Method):
             cond = {**cond, **encode_text(batch["caption"], cond["time_ids"])}
         return cond
 
+    def _latents(self, batch: dict) -> Tensor:
+        return batch["latents"] if "latents" in batch else self.codec.encode(batch["pixels"])
+
     @torch.no_grad()
     def prepare(self, batch: dict, step: int) -> dict:
         o = self.phase.options
-        latents = batch["latents"] if "latents" in batch else self.codec.encode(batch["pixels"])
+        latents = self._latents(batch)
         cond = self._conditioning(batch)
         teacher = self.modules["teacher"]
         B, device = latents.shape[0], latents.device
@@ -207,7 +210,7 @@ class ProgressiveDistillation(Method):
     def preview(self, batch: dict) -> Tensor:
         """The student's samples in ``student_steps`` steps from fixed noise (first three latent channels, or
         decoded pixels when the codec has a VAE)."""
-        latents = batch["latents"] if "latents" in batch else self.codec.encode(batch["pixels"])
+        latents = self._latents(batch)
         n = min(self.config.preview_size, latents.shape[0])
         cond = {k: v[:n] for k, v in self._conditioning(batch).items()}
         g = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -10,9 +10,11 @@ from .registry import (
     CODECS,
     DATA,
     DISCRIMINATORS,
+    FEATURES,
     HEADS,
     LOSSES,
     METHODS,
+    METRICS,
     OPTIMIZERS,
     REGISTRIES,
     SCHEDULES,
@@ -23,7 +25,7 @@ from .registry import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTERS", "BACKBONES", "CALLBACKS", "CODECS", "DATA", "DISCRIMINATORS", "HEADS", "LOSSES", "METHODS",
+    "ADAPTERS", "BACKBONES", "CALLBACKS", "CODECS", "DATA", "DISCRIMINATORS", "FEATURES", "HEADS", "LOSSES", "METHODS", "METRICS",
     "OPTIMIZERS", "REGISTRIES", "SCHEDULES", "STUDENTS", "TEACHERS",
     "Method", "OptimizerSettings", "Phase", "RecipeError", "Spec", "UserError", "component",
 ]

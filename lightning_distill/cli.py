@@ -109,7 +109,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .export import export
 
         meta = export(Path(args.run), args.format, Path(args.out), stage=args.stage, rank=args.rank)
-        print(f"exported {meta['phase']} ({meta['steps']} steps, {meta['prediction']}) as {args.format} to {args.out}")
+        print(f"exported {meta['phase']} ({str(meta['steps']) + ' steps, ' if meta['steps'] else ''}{meta['prediction']}) as {args.format} to {args.out}")
         return 0
     if args.command == "sample":
         from .sampling import check_output, sample_exported, sample_run, save_grid

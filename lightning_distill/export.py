@@ -233,6 +233,17 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
     loaded = load_run(run_dir)
     out = check_out(Path(out), run_dir)
     phase = pick_phase(run_dir, loaded, stage)
+    if loaded.recipe.method.name == "diffusion":  # a base model trained from scratch: the UNet and its scheduler
+        if fmt != "diffusers":
+            raise UserError(f"{run_dir} trained a model from scratch (method diffusion); export it with --format diffusers")
+        from .components.pretrain import export_unet
+
+        def write_base(tmp: Path) -> None:
+            info = export_unet(run_dir, tmp, loaded, phase)
+            (tmp / "lightning_distill.json").write_text(json.dumps({**info, "run": str(run_dir.resolve())}, indent=2))
+
+        _write_atomically(Path(out), write_base)
+        return {"phase": phase.name, "steps": None, "prediction": loaded.recipe.method.config.prediction}
     prediction = prediction_of(loaded, phase)
     steps = phase.options["student_steps"]
     state = {k[len("unet.") :]: v for k, v in student_state(run_dir, phase).items() if k.startswith("unet.")}

@@ -104,7 +104,7 @@ def fit(
     report = getattr(dataset, "report", lambda: None)()
     if report and fabric.is_global_zero:
         log.warning("data: %s", report)
-    fabric.call("on_fit_end", fabric=fabric, step=step)
+    fabric.call("on_fit_end", fabric=fabric, step=step, recipe=recipe)
     return metrics
 
 

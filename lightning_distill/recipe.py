@@ -21,6 +21,22 @@ from .errors import RecipeError, UserError
 from .registry import import_modules
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _asset(name: str) -> str:
+    """``${asset:NAME}`` in a recipe: the absolute path of ``NAME`` among the files shipped in the package."""
+    path = ASSETS / name
+    if not path.exists():
+        shipped = sorted(str(p.relative_to(ASSETS)) for p in ASSETS.glob("*/*")) if ASSETS.is_dir() else []
+        raise UserError(f"${{asset:{name}}}: no such shipped file; shipped: {', '.join(shipped) or 'none'}")
+    return str(path)
+
+
+if not OmegaConf.has_resolver("asset"):  # register_resolver from omegaconf 2.4 on, register_new_resolver before
+    getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("asset", lambda name: _asset(name))
+
+
 @dataclass(kw_only=True)
 class FabricConfig:
     """Devices, precision and parallelism; passed to ``lightning.fabric.Fabric``."""
@@ -204,9 +220,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         if getattr(recipe.fabric, flag) and recipe.fabric.strategy != "fsdp2":
             raise RecipeError(f"{flag} needs strategy: fsdp2", path=f"fabric.{flag}", source=source("fabric"))
     phases = recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
-    check = getattr(recipe.method.component(), "check", None)
-    if check is not None:
-        check(recipe.method.config, phases)
+    for spec in (recipe.method, *recipe.callbacks):  # components' own cross-checks against the schedule
+        check = getattr(spec.component(), "check", None)
+        if check is not None:
+            check(spec.config, phases)
     return LoadedRecipe(recipe=recipe, resolved=to_dict(recipe))
 
 

@@ -161,6 +161,16 @@ METHODS = Registry(
     -> (loss, logs)`` and ``artifact() -> state dicts`` (see :class:`lightning_distill.method.Method`); an optional
     static ``check(config, phases)`` cross-checks a recipe when it loads.""",
 )
+FEATURES = Registry(
+    "features",
+    """Feature networks for evaluation. ``cls(config) -> nn.Module`` with ``describe(images) -> Described`` (see
+    :mod:`lightning_distill.components.metrics`): whole-image features, patch features and attribute logits.""",
+)
+METRICS = Registry(
+    "metric",
+    """Evaluation metrics. ``cls(config) -> callable(samples, real, teacher) -> float`` over
+    :class:`~lightning_distill.components.metrics.Described` sets (``teacher`` may be None).""",
+)
 
 REGISTRIES: dict[str, Registry] = {
     r.role: r
@@ -178,6 +188,8 @@ REGISTRIES: dict[str, Registry] = {
         OPTIMIZERS,
         CALLBACKS,
         METHODS,
+        FEATURES,
+        METRICS,
     )
 }
 

@@ -19,7 +19,7 @@ class Callback:
             on_preview(fabric, phase, step, images)           # images: [N, 3, H, W] in [0, 1]
           on_phase_result(fabric, phase, modules, step)      # last chance to change what the phase hands on
           on_phase_end(fabric, phase, modules, step)
-        on_fit_end(fabric, step)
+        on_fit_end(fabric, step, recipe)                    # recipe: the run's validated Recipe
 
     ``state_dict()``/``load_state_dict()`` (optional) make a callback's state part of each checkpoint; each rank
     saves its own.

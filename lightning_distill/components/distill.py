@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..method import ArtifactLoader, Method, Phase
 from ..registry import METHODS
 
-CAPTION_KEYS = ("caption", "pixels", "latents")
+CAPTION_KEYS = ("caption", "pixels", "latents", "attributes")
 
 
 def teacher_paths(index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000) -> Tensor:
@@ -96,8 +96,11 @@ class ProgressiveDistillation(Method):
             teacher.prediction = last.options["prediction"] or c.student.config.prediction or teacher.prediction
         earlier = [p for p in self.phases if p.end <= phase.start]
         student = c.student.build(teacher=teacher, prediction=phase.options["prediction"])
-        if earlier and not empty:  # continue from the last phase's student (it may differ from the teacher)
-            student.load_state_dict(_strip(artifacts(earlier[-1].index), "student."))
+        start = phase.options.get("student_from")
+        if start is None and earlier:  # continue from the last phase's student (it may differ from the teacher)
+            start = earlier[-1].index
+        if start is not None and not empty:  # (or, first in a branch, from the branch point's student)
+            student.load_state_dict(_strip(artifacts(start), "student."))
         adapter = phase.options["adapter"].build()
         adapter.apply(student.net)
         self.adapter = adapter
@@ -119,6 +122,8 @@ class ProgressiveDistillation(Method):
             encode_text = getattr(self.codec, "encode_text", None)
             if encode_text is None:
                 raise UserError("the data has captions but the codec has no text encoders; use codec sdxl")
+            if not getattr(self.codec, "uses_time_ids", True):
+                return {**cond, **encode_text(list(batch["caption"]))}
             if "time_ids" not in cond:
                 from .sdxl import default_time_ids
 

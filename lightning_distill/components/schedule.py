@@ -63,6 +63,10 @@ class StageConfig:
     2-step students on 4 (t = 999, 749, 499, 249)."""
     prediction: Prediction | None = None
     """The student's parameterisation from this stage on; default: the previous stage's (or the student's)."""
+    branch_from: str | None = None
+    """Start from this earlier stage's final student (as the teacher and as the student's starting point) instead
+    of the previous stage's: a second ladder branching off an earlier stage, e.g. an MSE-only baseline beside
+    the adversarial one. Later stages follow this branch."""
     phases: list[PhaseConfig]
 
 
@@ -73,6 +77,9 @@ class Ladder:
     @dataclass(kw_only=True)
     class Config:
         stages: list[StageConfig] = field(default_factory=list)
+        steps_scale: NonNegativeFloat = 1.0
+        """Multiplies every phase's steps (at least 1 each): ``schedule.steps_scale=0.1`` is a quick trial run of
+        the same ladder."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -82,10 +89,18 @@ class Ladder:
         prediction: str | None = None
         seen: list[str] = []
         steps_of: dict[str, int] = {}
+        prediction_of: dict[str, str | None] = {}
+        last_phase_of: dict[str, int] = {}
         for stage in self.config.stages:
             where = f"schedule: stage {stage.name!r}"
             train = stage.train_timesteps or stage.student_steps
-            teacher_steps = stage.teacher_steps or (steps_of[seen[-1]] if seen else None)
+            branch = stage.branch_from
+            if branch is not None and branch not in seen:
+                raise UserError(f"{where}: branch_from {branch!r} is not an earlier stage ({', '.join(seen) or 'none'})")
+            if branch is not None:
+                prediction = prediction_of[branch]
+            previous = branch or (seen[-1] if seen else None)
+            teacher_steps = stage.teacher_steps or (steps_of[previous] if previous else None)
             if teacher_steps is None:
                 raise UserError(f"{where}: the first stage needs teacher_steps (the base model's sampling steps)")
             if train % stage.student_steps:
@@ -97,7 +112,7 @@ class Ladder:
             prediction = stage.prediction or prediction
             if not stage.phases:
                 raise UserError(f"{where}: a stage needs at least one phase")
-            for p in stage.phases:
+            for i, p in enumerate(stage.phases):
                 if any(t >= 1000 for t in p.renoise_timesteps):
                     raise UserError(f"{where}: renoise_timesteps must lie in [0, 1000), got {p.renoise_timesteps}")
                 for w in (p.renoise_weights, p.renoise_weights_end):
@@ -132,14 +147,18 @@ class Ladder:
                     "conditional": p.conditional,
                     "guidance": p.guidance,
                     "adapter": adapter,
-                    "teacher_from": p.teacher_from,
+                    "teacher_from": p.teacher_from or branch,
+                    "student_from": last_phase_of[branch] if branch and i == 0 else None,
                     "renoise_timesteps": list(p.renoise_timesteps),
                     "renoise_weights": list(p.renoise_weights or [1.0] * n),
                     "renoise_weights_end": list(p.renoise_weights_end or p.renoise_weights or [1.0] * n),
                 }
-                specs.append((p.name or f"{stage.name}-{suffix}", stage.name, p.kind, p.steps, optimizers, options))
+                steps = max(1, round(p.steps * self.config.steps_scale))
+                specs.append((p.name or f"{stage.name}-{suffix}", stage.name, p.kind, steps, optimizers, options))
             seen.append(stage.name)
             steps_of[stage.name] = stage.student_steps
+            prediction_of[stage.name] = prediction
+            last_phase_of[stage.name] = len(specs) - 1
         if not specs:
             raise UserError("schedule: the ladder has no phases; add stages with phases")
         names = [s[0] for s in specs]

@@ -126,6 +126,12 @@ class SDXLTeacher(SamplerTeacher):
         super().__init__(UNetDenoiser(unet), prediction=prediction, noise_schedule=schedule)
 
 
+@TEACHERS.register("unet")
+class UNetTeacher(SDXLTeacher):
+    """Any diffusers ``UNet2DConditionModel`` folder (``unet/`` and ``scheduler/``), e.g. the tiny world's teacher;
+    the same loading code and sampler as ``sdxl``."""
+
+
 @BACKBONES.register("unet_encoder")
 class UNetEncoder(nn.Module):
     """A trainable copy of the teacher UNet's conv_in, time and added embeddings, down blocks and mid block.

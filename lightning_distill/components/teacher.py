@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -12,6 +14,20 @@ def null_cond(cond: dict[str, Tensor]) -> dict[str, Tensor]:
     """The unconditional input for guidance: zero text embeddings (SDXL's ``force_zeros_for_empty_prompt``).
     Entries that are not text (``time_ids``) are kept."""
     return {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
+
+
+def guided(denoiser: Any, scale: float) -> Any:
+    """``denoiser`` with classifier-free guidance at ``scale`` (> 1; otherwise ``denoiser`` itself): one batched
+    call on the null and the real conditioning, ``out_u + scale (out_c - out_u)``."""
+    if scale <= 1.0:
+        return denoiser
+
+    def run(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        both = {k: torch.cat([null_cond({k: v})[k], v]) for k, v in cond.items()}
+        out_u, out_c = denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return out_u + scale * (out_c - out_u)
+
+    return run
 
 
 class SamplerTeacher(nn.Module):
@@ -41,12 +57,7 @@ class SamplerTeacher(nn.Module):
 
     def predict(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float = 0.0) -> tuple[Tensor, Tensor]:
         """``(x0, ε)`` at ``t``, with classifier-free guidance when ``guidance > 1``."""
-        if guidance > 1.0:
-            both = {k: torch.cat([null_cond({k: v})[k], v]) for k, v in cond.items()}
-            out_u, out_c = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-        else:
-            out = self.denoiser(x, t, cond)
+        out = guided(self.denoiser, guidance)(x, t, cond)
         return self.schedule.split(out.to(x.dtype), x, t, self.prediction)
 
     @torch.no_grad()

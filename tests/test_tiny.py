@@ -1,0 +1,181 @@
+"""The tiny world's parts: the MiniLM codec, the metrics, the shipped teacher, plain diffusion training, the ladder's
+branches and a short run of the main job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lightning_distill.components.metrics import Adherence, ShapesFeatures, coverage, frechet_distance
+from lightning_distill.components.shapes import Shapes
+from lightning_distill.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from lightning_distill.components.text import MiniLMCodec
+
+    return MiniLMCodec(MiniLMCodec.Config())
+
+
+@pytest.fixture(scope="module")
+def features():
+    return ShapesFeatures(ShapesFeatures.Config())
+
+
+def _images(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    data = Shapes(Shapes.Config(size=n, split=split), seed=seed)
+    items = [data[i] for i in range(n)]
+    pixels = torch.stack([it["pixels"] for it in items])
+    return (pixels + 1) / 2, torch.stack([it["attributes"] for it in items]), [it["caption"] for it in items]
+
+
+def test_minilm_embeds_paraphrases_close_and_empty_captions_as_zero(minilm):
+    captions = ["a small red circle on the left", "there is a small red circle on the left of the picture",
+                "a large blue square at the top", ""]
+    text = minilm.encode_text(captions)["text"]
+    assert text.shape == (4, minilm.config.max_length, 384)
+    assert text[3].abs().sum() == 0  # the null conditioning of classifier-free guidance
+    pooled = text.sum(1) / (text.abs().sum(-1) > 0).sum(1, keepdim=True)
+    same, other = F.cosine_similarity(pooled[0], pooled[1], 0), F.cosine_similarity(pooled[0], pooled[2], 0)
+    assert same > other + 0.2
+    # cached embeddings equal a fresh encoding, in any batch composition
+    again = minilm._encode([captions[2], captions[0]])
+    assert torch.allclose(minilm.encode_text([captions[2], captions[0]])["text"], again, atol=1e-5)
+
+
+def test_frechet_distance_matches_the_scipy_formula():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 8, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
+    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    root = scipy_linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_coverage_counts_reference_points_reached():
+    real = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0], [11.0, 10.0], [10.0, 11.0]])
+    near_first = torch.tensor([[0.1, 0.1]])
+    assert coverage(real, near_first, k=2) == pytest.approx(3 / 6)  # the first cluster's three balls hold it
+    assert coverage(real, real + 0.01, k=2) == 1.0
+    assert coverage(real, torch.tensor([[100.0, 100.0]]), k=2) == 0.0
+
+
+def test_metrics_on_real_data_and_noise(features):
+    real, attributes, _ = _images("all", 384, seed=1)
+    other, other_attributes, _ = _images("all", 384, seed=2)
+    noise = torch.rand_like(real)
+    d_real = features.describe(real, attributes)
+    d_other = features.describe(other, other_attributes)
+    d_noise = features.describe(noise, attributes)
+    same, against_noise = frechet_distance(d_other.whole, d_real.whole), frechet_distance(d_noise.whole, d_real.whole)
+    assert same < 0.05 * against_noise, (same, against_noise)
+    same_patch = frechet_distance(d_other.patch, d_real.patch)
+    assert same_patch < 0.05 * frechet_distance(d_noise.patch, d_real.patch)
+    adherence = Adherence(Adherence.Config())
+    assert adherence(d_other, d_real) > 0.97  # the classifier reads real images' captions back
+    assert adherence(d_noise, d_real) < 0.5
+    blurred = F.avg_pool2d(F.pad(other, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    d_blur = features.describe(blurred, other_attributes)
+    # blur costs much more in patch features than in whole-image features, relative to the same-data floor
+    assert frechet_distance(d_blur.patch, d_real.patch) / same_patch > frechet_distance(d_blur.whole, d_real.whole) / same
+
+
+def test_shipped_teacher_follows_captions(minilm, features):
+    """The shipped teacher, loaded through from_pretrained, draws what the captions say."""
+    from lightning_distill.components.sdxl import UNetTeacher
+    from lightning_distill.components.teacher import guided
+    from lightning_distill.recipe import ASSETS
+    from lightning_distill.sampling import sample_latents
+
+    teacher = UNetTeacher(UNetTeacher.Config(pretrained=str(ASSETS / "tiny" / "teacher")))
+    assert teacher.schedule.config.beta_schedule == "linear" and teacher.prediction == "epsilon"
+    real, attributes, captions = _images("train", 48, seed=3)
+    cond = minilm.encode_text(captions)
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    x = sample_latents(guided(teacher.denoiser, 3.0), teacher.schedule, "epsilon", noise, cond, 16)
+    images = ((x.clamp(-1, 1) + 1) / 2)
+    score = Adherence(Adherence.Config())(features.describe(images, attributes), features.describe(real, attributes))
+    assert score > 0.8
+
+
+def test_branch_from_starts_a_second_ladder():
+    loaded = load_recipe(TINY / "lightning.yaml")
+    phases = {p.name: p for p in loaded.recipe.schedule.build().phases()}
+    s8 = phases["s8-mse"]
+    m4 = phases["m4-mse"]
+    assert m4.options["teacher_from"] == "s8" and m4.options["student_from"] == s8.index
+    assert m4.options["teacher_steps"] == 8 and m4.options["student_steps"] == 4
+    m2 = phases["m2-mse"]
+    assert m2.options["teacher_from"] is None and m2.options["student_from"] is None  # follows its branch
+    assert phases["m1-mse"].options["prediction"] == "sample"
+    assert phases["l4-cond"].options["student_from"] is None
+    scaled = load_recipe(TINY / "lightning.yaml", ["schedule.steps_scale=0.01"]).recipe.schedule.build().phases()
+    assert all(p.steps == max(1, round(phases[p.name].steps * 0.01)) for p in scaled)
+
+
+def test_branch_from_must_name_an_earlier_stage(tmp_path):
+    from lightning_distill.errors import UserError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"extends: {TINY / 'lightning.yaml'}\n")
+    with pytest.raises(UserError, match="branch_from 'zz' is not an earlier stage"):
+        load_recipe(recipe, ["schedule.stages.4.branch_from=zz"])
+
+
+def test_diffusion_training_and_export_roundtrip(tmp_path, cli):
+    """The teacher recipe's method trains in the same loop; its export loads with from_pretrained as a teacher."""
+    from safetensors.torch import load_file
+
+    from lightning_distill.components.sdxl import UNetTeacher
+
+    out = tmp_path / "teacher"
+    small = ["method.unet.block_out_channels=[8,16,16]", "schedule.steps=3", "train.batch_size=4",
+             "train.log_every=1", "method.preview_steps=2", "method.preview_size=2", "data.size=64"]
+    done = cli("train", str(TINY / "teacher.yaml"), "--out", str(out), *small)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_file(str(out / "phases" / "00-diffusion.safetensors"))
+    done = cli("export", str(out), "--format", "diffusers", "--out", str(tmp_path / "export"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    teacher = UNetTeacher(UNetTeacher.Config(pretrained=str(tmp_path / "export")))
+    loaded = teacher.denoiser.unet.state_dict()
+    assert teacher.schedule.config.beta_schedule == "linear"
+    for key, value in loaded.items():
+        assert torch.allclose(value, state[f"model.unet.{key}"].half().float()), key
+
+
+def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
+    out = tmp_path / "tiny"
+    done = cli(
+        "train", str(TINY / "lightning.yaml"), "--out", str(out), "schedule.steps_scale=0.01", "train.batch_size=4",
+        "callbacks.2.samples=24", "callbacks.2.teacher.steps=[4]", "callbacks.2.grid=4",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    tree = json.loads((out / "metrics.json").read_text())
+    rows = tree["results"]
+    assert {(r["model"], r["steps"]) for r in rows} == {
+        ("teacher", 4), ("mse", 8), ("lightning", 4), ("lightning", 2), ("lightning", 1), ("mse", 4), ("mse", 2),
+        ("mse", 1)}
+    for r in rows:
+        assert isinstance(r["steps"], int) and r["model"] in ("teacher", "lightning", "mse")
+        for key in ("fd", "fd_patch", "adherence"):
+            assert isinstance(r[key], float) and np.isfinite(r[key])
+        assert 0.0 <= r["adherence"] <= 1.0
+        assert (out / "samples" / f"{r['model']}-{r['steps']}step.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "| lightning | 1 |" in report and "samples/lightning-1step.png" in report
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert "eval/lightning/fd_patch" in events.Tags()["scalars"]

@@ -58,6 +58,8 @@ class EvalConfig:
     )
     grid: PositiveInt = 16
     """Samples in each PNG grid (the first prompts)."""
+    grid_zoom: PositiveInt = 3
+    """Pixels per image pixel in the PNG grids (nearest neighbour), so that small images can be seen."""
     batch_size: PositiveInt = 128
 
 
@@ -128,9 +130,13 @@ def evaluate_run(
     real_scores = {name: metric(described_real, described_real, reference) for name, metric in metrics}
 
     grids = run_dir / "samples"
-    save_grid(real[: config.grid], grids / "real.png")
+
+    def zoom(images: Tensor) -> Tensor:
+        return torch.nn.functional.interpolate(images[: config.grid], scale_factor=config.grid_zoom, mode="nearest")
+
+    save_grid(zoom(real), grids / "real.png")
     for model, steps, images, _ in rows:
-        save_grid(images[: config.grid], grids / f"{model}-{steps}step.png")
+        save_grid(zoom(images), grids / f"{model}-{steps}step.png")
     tree = {
         "results": results,
         "real": real_scores,

@@ -100,11 +100,11 @@ def test_shipped_teacher_follows_captions(minilm, features):
     from lightning_distill.sampling import sample_latents
 
     teacher = UNetTeacher(UNetTeacher.Config(pretrained=str(ASSETS / "tiny" / "teacher")))
-    assert teacher.schedule.config.beta_schedule == "linear" and teacher.prediction == "epsilon"
+    assert teacher.schedule.config.beta_schedule == "linear" and teacher.prediction == "v_prediction"
     real, attributes, captions = _images("train", 48, seed=3)
     cond = minilm.encode_text(captions)
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
-    x = sample_latents(guided(teacher.denoiser, 3.0), teacher.schedule, "epsilon", noise, cond, 16)
+    x = sample_latents(guided(teacher.denoiser, 3.0), teacher.schedule, teacher.prediction, noise, cond, 16)
     images = ((x.clamp(-1, 1) + 1) / 2)
     score = Adherence(Adherence.Config())(features.describe(images, attributes), features.describe(real, attributes))
     assert score > 0.8

@@ -1,0 +1,30 @@
+"""The ablation notebooks run top to bottom on a CPU and end in a plot (slow: a few minutes each at the reduced
+budgets set here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_the_three_ablations():
+    assert {p.stem for p in NOTEBOOKS} == {"adversarial_vs_mse", "conditional_vs_unconditional", "lora_vs_full"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_and_ends_in_a_plot(path, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("LD_NOTEBOOK_SCALE", "0.15")
+    monkeypatch.setenv("LD_NOTEBOOK_SAMPLES", "48")
+    monkeypatch.setenv("LD_NOTEBOOK_RUNS", str(tmp_path))
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    assert any("image/png" in out.get("data", {}) for out in last.outputs), "the last cell shows no plot"
+    assert (next(tmp_path.iterdir()) / "metrics.json").is_file()

@@ -68,10 +68,11 @@ def prediction_of(loaded: LoadedRecipe, phase: Phase) -> str:
     if chosen:
         return chosen
     teacher = loaded.recipe.method.config.teacher
-    if teacher.name == "sdxl":
+    pretrained = getattr(teacher.config, "pretrained", None)
+    if pretrained:  # a diffusers folder (sdxl, unet): its scheduler config says, unless the recipe does
         from .components.sdxl import scheduler_schedule
 
-        found = scheduler_schedule(teacher.config.pretrained)
+        found = scheduler_schedule(pretrained)
         return teacher.config.prediction or (found[1] if found else "epsilon")
     return getattr(teacher.config, "prediction", None) or "epsilon"
 

@@ -179,3 +179,14 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     assert "eval/lightning/fd_patch" in events.Tags()["scalars"]
+
+
+def test_students_sample_with_their_teachers_parameterisation():
+    """Students of the v-prediction teacher sample as v-prediction, the x0-converted 1-step ones as x0."""
+    from lightning_distill.export import prediction_of
+
+    loaded = load_recipe(TINY / "lightning.yaml")
+    phases = {p.stage: p for p in loaded.recipe.schedule.build().phases()}
+    assert prediction_of(loaded, phases["s8"]) == "v_prediction"
+    assert prediction_of(loaded, phases["m2"]) == "v_prediction"
+    assert prediction_of(loaded, phases["l1"]) == prediction_of(loaded, phases["m1"]) == "sample"

@@ -112,7 +112,8 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     vals, vecs = torch.linalg.eigh(cov_a)
     root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
     middle = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+    distance = float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+    return max(0.0, distance)  # rounding can leave a tiny negative number for identical sets
 
 
 def coverage(real: Tensor, fake: Tensor, k: int = 5) -> float:

@@ -55,8 +55,11 @@ def sample_run(
         from .components.sdxl import default_time_ids
 
         size = size or getattr(recipe.data.config, "resolution", 1024)
-        cond = codec.encode_text(prompts, default_time_ids(size, size, len(prompts), device))
-        f = codec.scale_factor
+        if getattr(codec, "uses_time_ids", True):  # SDXL's micro-conditioning
+            cond = codec.encode_text(prompts, default_time_ids(size, size, len(prompts), device))
+        else:
+            cond = codec.encode_text(prompts)
+        f = getattr(codec, "scale_factor", 1)  # pixels per latent (1: pixel space)
         shape = (len(prompts), teacher.denoiser.unet.config.in_channels, size // f, size // f)
     else:
         if prompts:

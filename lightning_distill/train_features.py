@@ -12,7 +12,6 @@ from .components.metrics import DEFAULT_WEIGHTS, train_classifier
 def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import save_file
 
-
     parser = argparse.ArgumentParser(description="Train the shapes-world classifier used by the tiny metrics.")
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--steps", type=int, default=400)
@@ -22,8 +21,6 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(args.out))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
-
-
 
 
 if __name__ == "__main__":

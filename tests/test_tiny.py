@@ -179,6 +179,14 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     assert "eval/lightning/fd_patch" in events.Tags()["scalars"]
+    # a stage of the run samples from prompts through the CLI, in pixel space with the MiniLM codec
+    grid = tmp_path / "grid.png"
+    done = cli("sample", str(out), "--stage", "l2", "--prompt", "a small red circle on the left", "--prompt",
+               "a large blue square at the top", "--out", str(grid))
+    assert done.returncode == 0, done.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 33 + 1, 34)  # two 32-pixel images in one row, 1-pixel padding
 
 
 def test_students_sample_with_their_teachers_parameterisation():

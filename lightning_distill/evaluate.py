@@ -7,7 +7,6 @@ The ``report`` callback calls :func:`evaluate_run` when training ends; notebooks
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,6 @@ from torch import Tensor
 from .config import PositiveInt, component
 from .errors import UserError
 from .recipe import LoadedRecipe, Recipe
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -74,6 +71,7 @@ def evaluate_run(
     """Sample and score every row; write the report files into ``run_dir``; return the ``metrics.json`` tree."""
     from torch.utils.data import default_collate
 
+    from .components.codecs import prompt_conditioning
     from .components.teacher import guided
     from .export import pick_phase, prediction_of, student_state
     from .sampling import sample_latents, save_grid
@@ -91,7 +89,7 @@ def evaluate_run(
     attributes = batch.get("attributes")
 
     codec = recipe.codec.build().to(device)
-    cond = codec.encode_text(prompts)
+    cond = prompt_conditioning(codec, prompts, *real.shape[-2:], device)
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(config.seed))
     teacher = recipe.method.config.teacher.build(seed=recipe.seed).to(device)
     features = config.features.build().to(device)

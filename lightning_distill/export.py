@@ -239,12 +239,15 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
             raise UserError(f"{run_dir} trained a model from scratch (method diffusion); export it with --format diffusers")
         from .components.pretrain import export_unet
 
+        base = {"phase": phase.name, "steps": None, "prediction": loaded.recipe.method.config.prediction,
+                "format": fmt, "run": str(run_dir.resolve())}
+
         def write_base(tmp: Path) -> None:
-            info = export_unet(run_dir, tmp, loaded, phase)
-            (tmp / "lightning_distill.json").write_text(json.dumps({**info, "run": str(run_dir.resolve())}, indent=2))
+            export_unet(load_file(str(_artifact(run_dir, phase))), loaded.recipe.method.config, tmp)
+            (tmp / "lightning_distill.json").write_text(json.dumps(base, indent=2))
 
         _write_atomically(Path(out), write_base)
-        return {"phase": phase.name, "steps": None, "prediction": loaded.recipe.method.config.prediction}
+        return base
     prediction = prediction_of(loaded, phase)
     steps = phase.options["student_steps"]
     state = {k[len("unet.") :]: v for k, v in student_state(run_dir, phase).items() if k.startswith("unet.")}

@@ -52,13 +52,10 @@ def sample_run(
     if hasattr(codec, "encode_text"):
         if not prompts:
             raise UserError("give at least one --prompt")
-        from .components.sdxl import default_time_ids
+        from .components.codecs import prompt_conditioning
 
         size = size or getattr(recipe.data.config, "resolution", 1024)
-        if getattr(codec, "uses_time_ids", True):  # SDXL's micro-conditioning
-            cond = codec.encode_text(prompts, default_time_ids(size, size, len(prompts), device))
-        else:
-            cond = codec.encode_text(prompts)
+        cond = prompt_conditioning(codec, prompts, size, size, device)
         f = getattr(codec, "scale_factor", 1)  # pixels per latent (1: pixel space)
         shape = (len(prompts), teacher.denoiser.unet.config.in_channels, size // f, size // f)
     else:

@@ -26,9 +26,7 @@ class Report(Callback):
     def check(config: EvalConfig, phases: list[Any]) -> None:
         check_rows(config, phases)
 
-    def on_fit_end(self, *, fabric: Any, recipe: Any = None, **_: Any) -> None:
-        if recipe is None:
-            return
+    def on_fit_end(self, *, fabric: Any, recipe: Any, **_: Any) -> None:
         if fabric.is_global_zero:
             from torch.utils.tensorboard import SummaryWriter
 

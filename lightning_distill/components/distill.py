@@ -18,9 +18,7 @@ from ..config import component
 from ..errors import UserError
 from ..method import ArtifactLoader, Method, Phase
 from ..registry import METHODS
-
-CAPTION_KEYS = ("caption", "pixels", "latents", "attributes")
-
+from .codecs import batch_conditioning, batch_latents
 
 def teacher_paths(index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000) -> Tensor:
     """Per sample, the teacher's timesteps from the student's ``t`` to its target ``t - ns``.
@@ -116,31 +114,11 @@ class ProgressiveDistillation(Method):
         return {"student": self.adapter.merge_state(full_state_dict(self.modules["student"]))}
 
     # -- steps --------------------------------------------------------------------------------------------
-    def _conditioning(self, batch: dict) -> dict[str, Tensor]:
-        cond = {k: v for k, v in batch.items() if k not in CAPTION_KEYS}
-        if "caption" in batch:
-            encode_text = getattr(self.codec, "encode_text", None)
-            if encode_text is None:
-                raise UserError("the data has captions but the codec has no text encoders; use codec sdxl")
-            if not getattr(self.codec, "uses_time_ids", True):
-                return {**cond, **encode_text(list(batch["caption"]))}
-            if "time_ids" not in cond:
-                from .sdxl import default_time_ids
-
-                f = getattr(self.codec, "scale_factor", 8)
-                h, w = batch["pixels"].shape[-2:] if "pixels" in batch else [f * s for s in batch["latents"].shape[-2:]]
-                cond["time_ids"] = default_time_ids(h, w, len(batch["caption"]), batch.get("pixels", batch.get("latents")).device)
-            cond = {**cond, **encode_text(batch["caption"], cond["time_ids"])}
-        return cond
-
-    def _latents(self, batch: dict) -> Tensor:
-        return batch["latents"] if "latents" in batch else self.codec.encode(batch["pixels"])
-
     @torch.no_grad()
     def prepare(self, batch: dict, step: int) -> dict:
         o = self.phase.options
-        latents = self._latents(batch)
-        cond = self._conditioning(batch)
+        latents = batch_latents(batch, self.codec)
+        cond = batch_conditioning(batch, self.codec)
         teacher = self.modules["teacher"]
         B, device = latents.shape[0], latents.device
         # timesteps are drawn on the CPU (tiny, and no device sync for the path length)
@@ -215,9 +193,9 @@ class ProgressiveDistillation(Method):
     def preview(self, batch: dict) -> Tensor:
         """The student's samples in ``student_steps`` steps from fixed noise (first three latent channels, or
         decoded pixels when the codec has a VAE)."""
-        latents = self._latents(batch)
+        latents = batch_latents(batch, self.codec)
         n = min(self.config.preview_size, latents.shape[0])
-        cond = {k: v[:n] for k, v in self._conditioning(batch).items()}
+        cond = {k: v[:n] for k, v in batch_conditioning(batch, self.codec).items()}
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         x = torch.randn(latents[:n].shape, generator=g).to(latents)
         schedule = self.modules["teacher"].schedule

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -129,23 +130,30 @@ def _subsample(x: Tensor, n: int) -> Tensor:
     return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
 
 
-@METRICS.register("fd")
-class WholeFD:
-    """Fréchet distance of whole-image features, samples against real images."""
+class Metric:
+    """Base of the registered metrics: ``metric(samples, real, teacher) -> float``; settings in ``Config``."""
 
     @dataclass(kw_only=True)
     class Config:
         pass
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Any) -> None:
         self.config = config
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        raise NotImplementedError
+
+
+@METRICS.register("fd")
+class WholeFD(Metric):
+    """Fréchet distance of whole-image features, samples against real images."""
 
     def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
         return frechet_distance(samples.whole, real.whole)
 
 
 @METRICS.register("fd_patch")
-class PatchFD:
+class PatchFD(Metric):
     """Fréchet distance of patch features (each position of the classifier's 8×8 map), samples against real."""
 
     @dataclass(kw_only=True)
@@ -153,24 +161,14 @@ class PatchFD:
         max_patches: int = 20_000
         """Patches drawn from each set (a fixed subset), to bound the cost."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
     def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
         n = self.config.max_patches
         return frechet_distance(_subsample(samples.patch, n), _subsample(real.patch, n))
 
 
 @METRICS.register("adherence")
-class Adherence:
+class Adherence(Metric):
     """Fraction of the prompts' attributes (colour, kind, position, size) that the classifier finds."""
-
-    @dataclass(kw_only=True)
-    class Config:
-        pass
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
 
     def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
         if samples.attributes is None:
@@ -179,15 +177,12 @@ class Adherence:
 
 
 @METRICS.register("coverage")
-class Coverage:
+class Coverage(Metric):
     """Mode coverage against the teacher's samples (k-NN balls in whole-image features); 1 for the teacher."""
 
     @dataclass(kw_only=True)
     class Config:
         k: int = 5
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
 
     def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
         reference = teacher if teacher is not None else real
@@ -195,16 +190,9 @@ class Coverage:
 
 
 @METRICS.register("teacher_distance")
-class TeacherDistance:
+class TeacherDistance(Metric):
     """Root-mean-square pixel distance (in [0, 1] units) between each sample and the teacher's sample from the
     same noise and prompt: how closely a student keeps the teacher's probability flow (0 for the teacher)."""
-
-    @dataclass(kw_only=True)
-    class Config:
-        pass
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
 
     def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
         if teacher is None or teacher.images is None or samples.images is None:

@@ -21,6 +21,7 @@ from ..diffusion import NoiseSchedule, NoiseScheduleConfig
 from ..errors import UserError
 from ..method import ArtifactLoader, Method, OptimizerSettings, Phase, chain_phases
 from ..registry import METHODS, SCHEDULES
+from .codecs import batch_conditioning, batch_latents
 from .sdxl import UNetDenoiser
 from .teacher import guided
 
@@ -96,10 +97,7 @@ class DiffusionTraining(Method):
         return {"model": full_state_dict(self.modules["model"])}
 
     def _inputs(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        latents = batch["latents"] if "latents" in batch else self.codec.encode(batch["pixels"])
-        if "caption" not in batch:
-            return latents, {k: v for k, v in batch.items() if k not in ("latents", "pixels")}
-        return latents, self.codec.encode_text(list(batch["caption"]))
+        return batch_latents(batch, self.codec), batch_conditioning(batch, self.codec)
 
     @torch.no_grad()
     def prepare(self, batch: dict, step: int) -> dict:
@@ -136,17 +134,13 @@ class DiffusionTraining(Method):
         return ((self.codec.decode(x)[:, :3].float().clamp(-1, 1) + 1) / 2).cpu()
 
 
-def export_unet(run_dir: Path, out: Path, loaded: Any, phase: Phase, dtype: str = "float16") -> dict[str, Any]:
-    """A diffusion run as a diffusers folder: ``unet/`` (weights in ``dtype``) and ``scheduler/``."""
+def export_unet(state: dict[str, Tensor], config: DiffusionTraining.Config, out: Path, dtype: str = "float16") -> None:
+    """A diffusion run's ``model`` artifact as a diffusers folder: ``unet/`` (weights in ``dtype``), ``scheduler/``."""
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file
 
-    config: DiffusionTraining.Config = loaded.recipe.method.config
-    state = load_file(str(run_dir / "phases" / f"{phase.index:02d}-{phase.name}.safetensors"))
     unet = build_unet(config.unet)
     unet.load_state_dict({k[len("model.unet.") :]: v for k, v in state.items() if k.startswith("model.unet.")})
     unet.to(getattr(torch, dtype)).save_pretrained(str(out / "unet"))
     s = config.noise_schedule
     DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
                   beta_schedule=s.beta_schedule, prediction_type=config.prediction).save_pretrained(str(out / "scheduler"))
-    return {"phase": phase.name, "steps": None, "prediction": config.prediction, "format": "diffusers"}

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..registry import CODECS
 
-NOT_CONDITIONING = ("caption", "pixels", "latents", "attributes")
+NOT_CONDITIONING = ("caption", "pixels", "latents", "attributes", "mentioned")
 """Batch entries that are not passed to the network as conditioning (other entries, e.g. ``text``, are)."""
 
 

@@ -3,6 +3,11 @@
 Everything is deterministic from ``(seed, index)``: attributes, jitter and wording. Some colour–kind pairs are
 held out of the ``train`` split (``heldout`` has only them), to test whether students generalise like their
 teacher. No file is read.
+
+Captions come at two settings. ``full``: every caption names all four attributes, so the image given its caption
+is nearly one picture. ``mixed``: a share of captions names only some attributes (``a red shape``, ``a circle on
+the left``, ``a shape``), so the image given such a caption has several modes (the attributes left open), which
+a regression-trained few-step student averages into blur; the item's ``mentioned`` flags say which were named.
 """
 
 from __future__ import annotations
@@ -82,14 +87,36 @@ def render(scene: Scene, resolution: int, g: torch.Generator) -> Tensor:
     return (image.clamp(0, 1) * 2 - 1).float()
 
 
-def caption(scene: Scene, g: torch.Generator) -> str:
+PARTIAL_TEMPLATES = ("a {what}", "an image of a {what}", "there is a {what}", "{what}")
+NOTHING = ("a shape", "something", "an image of a shape", "a picture")
+CaptionMode = Literal["full", "mixed"]
+
+
+def caption(scene: Scene, g: torch.Generator, mode: CaptionMode = "full", full_share: float = 0.5) -> tuple[str, list[bool]]:
+    """A caption of ``scene`` and which of (color, kind, position, size) it names.
+
+    ``full`` names all four. ``mixed`` names all four with probability ``full_share``, else each attribute with
+    probability 1/2 (possibly none: "a shape").
+    """
     template = TEMPLATES[int(torch.randint(len(TEMPLATES), (1,), generator=g))]
-    return template.format(color=scene.color, kind=scene.kind, where=WHERE[scene.position], size=scene.size)
+    if mode == "full":
+        return template.format(color=scene.color, kind=scene.kind, where=WHERE[scene.position], size=scene.size), [True] * 4
+    draws = torch.rand(5, generator=g)
+    if float(draws[0]) < full_share:
+        return template.format(color=scene.color, kind=scene.kind, where=WHERE[scene.position], size=scene.size), [True] * 4
+    color, kind, position, size = (bool(d < 0.5) for d in draws[1:])
+    pick = int(torch.randint(len(PARTIAL_TEMPLATES), (1,), generator=g))
+    if not (color or kind or position or size):
+        return NOTHING[pick % len(NOTHING)], [False] * 4
+    words = [scene.size if size else "", scene.color if color else "", scene.kind if kind else "shape",
+             WHERE[scene.position] if position else ""]
+    return PARTIAL_TEMPLATES[pick].format(what=" ".join(w for w in words if w)), [color, kind, position, size]
 
 
 @DATA.register("shapes")
 class Shapes(Dataset):
-    """The tiny shapes world: items ``pixels``, ``caption``, ``attributes`` (color, kind, position, size)."""
+    """The tiny shapes world: items ``pixels``, ``caption``, ``attributes`` (color, kind, position, size) and
+    ``mentioned`` (which attributes the caption names)."""
 
     @dataclass(kw_only=True)
     class Config:
@@ -97,6 +124,11 @@ class Shapes(Dataset):
         """Items (scenes repeat with different jitter and wording)."""
         resolution: int = 32
         split: Literal["train", "heldout", "all"] = "train"
+        captions: CaptionMode = "full"
+        """full: every caption names colour, kind, position and size. mixed: some captions name only some of
+        them (a world where a caption leaves several modes open)."""
+        full_share: float = 0.5
+        """mixed: the share of captions that still name all four attributes."""
 
     def __init__(self, config: Config, *, seed: int = 0) -> None:
         self.config = config
@@ -106,15 +138,10 @@ class Shapes(Dataset):
     def __len__(self) -> int:
         return self.config.size
 
-    def scene(self, i: int) -> Scene:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        return self.scenes[int(torch.randint(len(self.scenes), (1,), generator=g))]
-
     def __getitem__(self, i: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         scene = self.scenes[int(torch.randint(len(self.scenes), (1,), generator=g))]
-        return {
-            "pixels": render(scene, self.config.resolution, g),
-            "caption": caption(scene, g),
-            "attributes": torch.tensor(scene.attributes()),
-        }
+        pixels = render(scene, self.config.resolution, g)
+        text, mentioned = caption(scene, g, self.config.captions, self.config.full_share)
+        return {"pixels": pixels, "caption": text, "attributes": torch.tensor(scene.attributes()),
+                "mentioned": torch.tensor(mentioned)}

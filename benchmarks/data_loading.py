@@ -35,8 +35,8 @@ def write_cache(root: Path, rows: int, shard: int, latent: int) -> None:
 
 
 def throughput(root: Path, batch: int, workers: int, batches: int) -> float:
-    from lightning_distill.components.cache import Cached
-    from lightning_distill.data import make_loader
+    from lightning_distill.data.cache import Cached
+    from lightning_distill.engine.loader import make_loader
 
     class Fabric:
         global_rank, world_size = 0, 1

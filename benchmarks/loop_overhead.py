@@ -44,8 +44,8 @@ def overrides(steps: int) -> list[str]:
 def loop_time(steps: int) -> float:
     from lightning.fabric import Fabric
 
-    from lightning_distill.loop import fit
-    from lightning_distill.recipe import load_recipe
+    from lightning_distill.engine.loop import fit
+    from lightning_distill.config.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml", overrides(steps)).recipe
     clock = StepClock()
@@ -58,7 +58,7 @@ def loop_time(steps: int) -> float:
 def bare_time(steps: int) -> float:
     from torch.utils.data import default_collate
 
-    from lightning_distill.recipe import load_recipe
+    from lightning_distill.config.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml", overrides(steps)).recipe
     phases = recipe.schedule.build().phases()

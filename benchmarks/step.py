@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, matmul_rate, record, timed  # noqa: E402
 
-from lightning_distill.components.sdxl import UNetDenoiser  # noqa: E402
-from lightning_distill.components.teacher import SamplerTeacher  # noqa: E402
-from lightning_distill.diffusion import NoiseScheduleConfig  # noqa: E402
-from lightning_distill.registry import TEACHERS  # noqa: E402
+from lightning_distill.models.sdxl.network import UNetDenoiser  # noqa: E402
+from lightning_distill.models.teacher import SamplerTeacher  # noqa: E402
+from lightning_distill.models.noise import NoiseScheduleConfig  # noqa: E402
+from lightning_distill.config.registry import TEACHERS  # noqa: E402
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -71,8 +71,8 @@ CASES = [  # name, phase kind, conditional, adapter, optimizer, gradient checkpo
 
 
 def recipe_for(case: tuple, tiny: bool, batch: int) -> object:
-    from lightning_distill.recipe import Recipe
-    from lightning_distill.config import validate
+    from lightning_distill.config.recipe import Recipe
+    from lightning_distill.config.fields import validate
 
     name, kind, conditional, adapter, optimizer, ckpt = case
     unet = TINY_UNET if tiny else SDXL_UNET
@@ -139,8 +139,8 @@ def count_flops(recipe: object, tiny: bool, batch: int) -> float:
 def run_case(case: tuple, tiny: bool, batch: int, steps: int, device: torch.device) -> dict[str, object]:
     from lightning.fabric import Fabric
 
-    from lightning_distill.checkpoint import Artifacts
-    from lightning_distill.loop import _setup_phase, _views, optimizer_step
+    from lightning_distill.engine.artifacts import Artifacts
+    from lightning_distill.engine.phase import run_iteration, setup_phase
 
     recipe = recipe_for(case, tiny, batch)
     # model FLOPs: counted without checkpointing, whose recomputation is overhead, not model work
@@ -151,16 +151,11 @@ def run_case(case: tuple, tiny: bool, batch: int, steps: int, device: torch.devi
     method = recipe.method.build(phases=phases, codec=torch.nn.Identity(), seed=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    modules, optimizers = _setup_phase(fabric, method, phase, Artifacts(Path("."), fabric, {}), recipe.optimizer)
-    trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phase.optimizers}
+    state = setup_phase(fabric, method, phase, Artifacts(Path("."), fabric, {}), recipe.optimizer)
     batch_data = make_batch(tiny, batch, device)
 
     def step() -> None:
-        method.attach(_views(modules, None))
-        with fabric.autocast():
-            prepared = [method.prepare(batch_data, 0)]
-        for name in phase.optimizers_at(0):
-            optimizer_step(fabric, method, modules, optimizers, trainable, name, prepared, 1.0)
+        run_iteration(fabric, method, state, [batch_data], 0, 1.0)
 
     seconds = timed(step, device, warmup=1, iters=steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")

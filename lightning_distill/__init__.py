@@ -1,9 +1,9 @@
 """lightning-distill: progressive adversarial diffusion distillation (SDXL-Lightning) with Lightning Fabric."""
 
-from .config import Spec, component
-from .errors import RecipeError, UserError
-from .method import Method, OptimizerSettings, Phase
-from .registry import (
+from lightning_distill.config.fields import Spec, component
+from lightning_distill.errors import RecipeError, UserError
+from lightning_distill.methods.base import Method, OptimizerSettings, Phase
+from lightning_distill.config.registry import (
     ADAPTERS,
     BACKBONES,
     CALLBACKS,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 import traceback
 
-from .errors import UserError
+from lightning_distill.errors import UserError
 
 EPILOG = """examples:
   lightning-distill train recipes/debug.yaml --out runs/debug
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    from .run import set_up_logging
+    from lightning_distill.engine.run import set_up_logging
 
     set_up_logging(args.debug)
     try:
@@ -99,20 +99,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .recipe import dump_recipe, load_recipe
-    from .run import describe_components, run_folder, train
+    from lightning_distill.config.recipe import dump_recipe, load_recipe
+    from lightning_distill.engine.run import describe_components, run_folder, train
 
     if args.command == "components":
         print(describe_components(args.role))
         return 0
     if args.command == "export":
-        from .export import export
+        from lightning_distill.export.diffusers import export
 
         meta = export(Path(args.run), args.format, Path(args.out), stage=args.stage, rank=args.rank)
         print(f"exported {meta['phase']} ({str(meta['steps']) + ' steps, ' if meta['steps'] else ''}{meta['prediction']}) as {args.format} to {args.out}")
         return 0
     if args.command == "sample":
-        from .sampling import check_output, sample_exported, sample_run, save_grid
+        from lightning_distill.inference.sample import check_output, sample_exported, sample_run, save_grid
 
         check_output(Path(args.out), args.size)
         model = Path(args.model)
@@ -125,7 +125,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     loaded = load_recipe(args.recipe, args.overrides)
     if args.command == "cache":
-        from .components.cache import build_cache
+        from lightning_distill.data.cache import build_cache
 
         manifest = build_cache(loaded.recipe, Path(args.out), args.shard_size)
         print(f"cached {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out}")

@@ -8,10 +8,10 @@ from lightning.fabric import Fabric
 from torch.utils.data import default_collate
 
 from conftest import DEBUG_RECIPE
-from lightning_distill.checkpoint import Artifacts
-from lightning_distill.loop import _setup_phase, _views, optimizer_step
-from lightning_distill.recipe import load_recipe
-from lightning_distill.registry import REGISTRIES
+from lightning_distill.engine.artifacts import Artifacts
+from lightning_distill.engine.phase import module_views, optimizer_step, setup_phase
+from lightning_distill.config.recipe import load_recipe
+from lightning_distill.config.registry import REGISTRIES
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +28,11 @@ def _phase_setup(recipe, index, tmp_path):
         state = method.build_phase(earlier, artifacts)["student"].state_dict()
         artifacts.save(earlier.index, {"student": {k: v + 0.01 * (earlier.index + 1) for k, v in state.items()}})
     torch.manual_seed(0)
-    modules, optimizers = _setup_phase(fabric, method, phases[index], artifacts, recipe.optimizer)
+    state = setup_phase(fabric, method, phases[index], artifacts, recipe.optimizer)
     data = recipe.data.build(seed=0)
-    method.attach(_views(modules, None))
+    method.attach(module_views(state.modules, None))
     prepared = [method.prepare(default_collate([data[i] for i in range(4)]), phases[index].start)]
-    trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phases[index].optimizers}
-    return fabric, method, modules, optimizers, trainable, prepared
+    return fabric, method, state.modules, state, prepared
 
 
 def _params(module):
@@ -46,7 +45,7 @@ def _changed(before, module):
 
 
 def test_teacher_is_frozen_and_samples_to_the_target_timestep(recipe, tmp_path):
-    _, method, modules, _, _, prepared = _phase_setup(recipe, 0, tmp_path)
+    _, method, modules, _, prepared = _phase_setup(recipe, 0, tmp_path)
     teacher = modules["teacher"]
     assert not any(p.requires_grad for p in teacher.parameters())
     b = prepared[0]
@@ -57,9 +56,9 @@ def test_teacher_is_frozen_and_samples_to_the_target_timestep(recipe, tmp_path):
 
 
 def test_mse_step_trains_only_the_student(recipe, tmp_path):
-    fabric, method, modules, optimizers, trainable, prepared = _phase_setup(recipe, 0, tmp_path)
+    fabric, method, modules, state, prepared = _phase_setup(recipe, 0, tmp_path)
     teacher, student = _params(modules["teacher"]), _params(modules["student"])
-    logs = optimizer_step(fabric, method, modules, optimizers, trainable, "student", prepared, 1.0)
+    logs = optimizer_step(fabric, method, state, "student", prepared, 1.0)
     assert torch.isfinite(logs["loss/mse"]) and logs["loss/mse"] > 0
     assert _changed(teacher, modules["teacher"]) == set()
     assert _changed(student, modules["student"])
@@ -67,15 +66,15 @@ def test_mse_step_trains_only_the_student(recipe, tmp_path):
 
 @pytest.mark.parametrize("index", [1, 2], ids=["conditional", "unconditional"])
 def test_adversarial_steps_touch_only_their_module(recipe, tmp_path, index):
-    fabric, method, modules, optimizers, trainable, prepared = _phase_setup(recipe, index, tmp_path)
+    fabric, method, modules, state, prepared = _phase_setup(recipe, index, tmp_path)
     assert modules["discriminator"].conditional == (index == 1)
     t0, s0, d0 = (_params(modules[n]) for n in ("teacher", "student", "discriminator"))
-    logs = optimizer_step(fabric, method, modules, optimizers, trainable, "discriminator", prepared, 1.0)
+    logs = optimizer_step(fabric, method, state, "discriminator", prepared, 1.0)
     assert set(logs) >= {"loss/discriminator", "d/p_real", "d/p_fake"}
     assert _changed(s0, modules["student"]) == set(), "a D step must leave the student unchanged"
     assert _changed(d0, modules["discriminator"])
     d1 = _params(modules["discriminator"])
-    logs = optimizer_step(fabric, method, modules, optimizers, trainable, "student", prepared, 1.0)
+    logs = optimizer_step(fabric, method, state, "student", prepared, 1.0)
     assert torch.isfinite(logs["loss/generator"])
     assert _changed(d1, modules["discriminator"]) == set(), "a G step must leave the discriminator unchanged"
     assert _changed(s0, modules["student"])
@@ -138,7 +137,7 @@ def test_ema_callback_averages_and_swaps(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(REGISTRIES["loss"]))
 def test_every_registered_loss(name):
-    from lightning_distill.config import validate
+    from lightning_distill.config.fields import validate
 
     cls = REGISTRIES["loss"].get(name)
     loss = cls(validate({}, cls.Config))
@@ -158,7 +157,7 @@ def test_every_registered_loss(name):
 
 @pytest.mark.parametrize("name", sorted(REGISTRIES["head"]))
 def test_every_registered_head(name):
-    from lightning_distill.config import validate
+    from lightning_distill.config.fields import validate
 
     cls = REGISTRIES["head"].get(name)
     head = cls(validate({"channels": 32, "groups": 8}, cls.Config), in_channels=16)
@@ -169,7 +168,7 @@ def test_every_registered_head(name):
 
 
 def test_teacher_paths_walk_the_teachers_grid():
-    from lightning_distill.components.distill import teacher_paths
+    from lightning_distill.methods.lightning.method import teacher_paths
 
     # 2-step student trained on 4 timesteps, 4-step teacher: jumps of 500 in teacher steps of 250
     assert teacher_paths(torch.arange(4), 4, 2, 4).tolist() == [[999, 749, 499], [749, 499, 249], [499, 249, -1],
@@ -185,8 +184,8 @@ def test_renoise_plan_moves_weights_and_touches_only_clean_targets(recipe, tmp_p
     method = recipe.method.build(phases=phases, codec=recipe.codec.build(), seed=0)
     from dataclasses import replace
 
-    phase = replace(phases[1], steps=101, options={**phases[1].options, "renoise_timesteps": [10, 750],
-                                                   "renoise_weights": [1.0, 0.0], "renoise_weights_end": [0.0, 1.0]})
+    phase = replace(phases[1], steps=101, options=replace(phases[1].options, renoise_timesteps=(10, 750),
+                                                          renoise_weights=(1.0, 0.0), renoise_weights_end=(0.0, 1.0)))
     method.phase = phase
     like = torch.zeros(4000, 1)
     t_prev = torch.tensor([-1, 124] * 2000)
@@ -203,7 +202,7 @@ def test_x0_conversion_targets_the_x0_the_teacher_implies(tmp_path):
                                         "schedule.stages.1.student_steps=1",
                                         "schedule.stages.1.phases=[{kind: x0_convert, steps: 2}, {kind: adversarial, steps: 1}]"])
     r = loaded.recipe
-    fabric, method, modules, optimizers, trainable, prepared = _phase_setup(r, 1, tmp_path)
+    fabric, method, modules, state, prepared = _phase_setup(r, 1, tmp_path)
     phase = method.phase
     assert phase.kind == "x0_convert" and modules["student"].prediction == "sample"
     assert modules["teacher"].prediction == "epsilon"
@@ -222,8 +221,8 @@ def test_skip_level_teacher_comes_from_the_named_stage(tmp_path):
         " {name: b, student_steps: 4, phases: [{kind: mse, steps: 1}]},"
         " {name: c, student_steps: 2, phases: [{kind: adversarial, steps: 1, teacher_from: a}]}]"])
     phases = loaded.recipe.schedule.build().phases()
-    assert phases[2].options["teacher_steps"] == 8  # stage a's student takes 8 steps
-    assert phases[1].options["teacher_steps"] == 8  # by default: the previous stage's student_steps
+    assert phases[2].options.teacher_steps == 8  # stage a's student takes 8 steps
+    assert phases[1].options.teacher_steps == 8  # by default: the previous stage's student_steps
     fabric, method, modules, *_ = _phase_setup(loaded.recipe, 2, tmp_path)
     artifacts = Artifacts(tmp_path, fabric, {p.index: p.name for p in phases})
     a, b = artifacts(0), artifacts(1)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import ROOT, run_cli
 from lightning_distill import UserError
-from lightning_distill.registry import REGISTRIES
+from lightning_distill.config.registry import REGISTRIES
 
 WORDS = "a photo of red green blue cat dog square".split()
 
@@ -25,7 +25,7 @@ def _png(w, h, seed):
 
 
 def _make(role_name, **fields):
-    from lightning_distill.config import validate
+    from lightning_distill.config.fields import validate
 
     cls = REGISTRIES["data"].get(role_name)
     return cls(validate(fields, cls.Config), seed=0)
@@ -124,7 +124,7 @@ def test_empty_or_missing_sources_exit_2_before_any_model_loads(cli, tmp_path):
 
 
 def test_loader_resumed_mid_epoch_continues_at_the_same_sample():
-    from lightning_distill.data import make_loader
+    from lightning_distill.engine.loader import make_loader
 
     class Fabric:
         global_rank, world_size = 0, 1
@@ -147,7 +147,7 @@ def test_loader_resumed_mid_epoch_continues_at_the_same_sample():
 def test_cache_round_trip_gives_the_same_loss_as_images(tiny_sdxl, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lightning_distill.recipe import load_recipe
+    from lightning_distill.config.recipe import load_recipe
     from test_sdxl import fast_overrides
 
     recipe = ROOT / "recipes" / "sdxl_lightning" / "lora.yaml"
@@ -214,7 +214,7 @@ def test_compressed_shards_are_a_clear_error(tmp_path):
 
 
 def test_a_cache_of_other_settings_is_not_resumed(samples, tmp_path):
-    from lightning_distill.components.cache import build_cache
+    from lightning_distill.data.cache import build_cache
 
     class Spec:
         def __init__(self, obj, d):
@@ -226,7 +226,11 @@ def test_a_cache_of_other_settings_is_not_resumed(samples, tmp_path):
         def to_dict(self):
             return self.d
 
-    class Codec(torch.nn.Module):
+    from lightning_distill.codecs.base import Codec as CodecBase
+
+    class Codec(CodecBase):
+        has_text = True
+
         def encode(self, pixels):
             return pixels[:, :1, ::4, ::4]
 

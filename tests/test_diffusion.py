@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from lightning_distill.diffusion import NoiseSchedule
+from lightning_distill.models.noise import NoiseSchedule
 
 SDXL = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

@@ -17,7 +17,7 @@ SEED, PROMPTS = 3, ["a red cat", "a small blue square on the left"]
 @pytest.fixture(scope="module")
 def lora_run(tiny_sdxl, tmp_path_factory):
     """The LoRA recipe's ladder on the tiny pipeline, 2 steps a phase at a high learning rate (visible changes)."""
-    from lightning_distill.recipe import load_recipe
+    from lightning_distill.config.recipe import load_recipe
 
     recipe = ROOT / "recipes" / "sdxl_lightning" / "lora.yaml"
     out = tmp_path_factory.mktemp("runs") / "lora"
@@ -28,16 +28,17 @@ def lora_run(tiny_sdxl, tmp_path_factory):
 
 
 def _student(run):
-    from lightning_distill.export import load_run, pick_phase, student_state
+    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.utils.tensors import strip_prefix
 
-    loaded = load_run(run)
-    return {k[len("unet."):]: v for k, v in student_state(run, pick_phase(run, loaded, None)).items()}
+    folder = RunFolder(run)
+    return strip_prefix(folder.artifact(folder.pick()), "student.net.unet.")
 
 
 def test_diffusers_export_loads_and_samples_like_our_sampler(lora_run, tiny_sdxl, tmp_path):
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-    from lightning_distill.sampling import sample_exported, sample_run
+    from lightning_distill.inference.sample import sample_exported, sample_run
 
     out = tmp_path / "export"
     result = run_cli("export", str(lora_run), "--format", "diffusers", "--out", str(out))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from lightning_distill.recipe import dump_recipe, load_recipe
+from lightning_distill.config.recipe import dump_recipe, load_recipe
 
 ALL = sorted((ROOT / "recipes").rglob("*.yaml"))
 RECIPES = [p for p in ALL if not p.name.startswith("_")]  # a leading underscore marks a base to extend
@@ -72,7 +72,7 @@ def test_ladder_schedule_is_pure():
         ("s8-mse", "mse", 0, 6), ("s4-cond", "adversarial", 6, 10), ("s4-uncond", "adversarial", 10, 14)]
     assert phases[0].optimizers_at(0) == ["student"]
     assert phases[1].optimizers_at(7) == ["discriminator", "student"]  # D steps before G
-    assert phases[1].options["conditional"] and not phases[2].options["conditional"]
+    assert phases[1].options.conditional and not phases[2].options.conditional
     assert phases[1].optimizers["student"].betas == (0.0, 0.99)
     with pytest.raises(ValueError):
         phases[0].optimizers_at(6)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from lightning_distill import LOSSES, UserError
-from lightning_distill.registry import REGISTRIES, Registry
+from lightning_distill.config.registry import REGISTRIES, Registry
 
 ROLES = {"teacher", "student", "adapter", "backbone", "head", "discriminator", "loss", "schedule", "data", "codec",
          "optimizer", "callback", "method"}
@@ -50,7 +50,7 @@ def test_plugin_package_registers_through_its_entry_point():
     """The example package in plugins/ is installed; its components arrive with no import from our side."""
     from importlib.metadata import entry_points
 
-    from lightning_distill.registry import HEADS, loaded_plugins
+    from lightning_distill.config.registry import HEADS, loaded_plugins
 
     names = [ep.name for ep in entry_points(group="lightning_distill.plugins")]
     assert "extras" in names, "pip install ./plugins/lightning-distill-extras"
@@ -94,7 +94,7 @@ def test_recipe_imports_register_unpackaged_components(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     from conftest import DEBUG_RECIPE
 
-    from lightning_distill.recipe import load_recipe
+    from lightning_distill.config.recipe import load_recipe
 
     loaded = load_recipe(DEBUG_RECIPE, ["imports=[my_components]", "method.regression_loss.name=l1_local",
                                        "method.regression_loss.scale=2.0"])

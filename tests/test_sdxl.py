@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT
 from lightning_distill import UserError
-from lightning_distill.registry import REGISTRIES
+from lightning_distill.config.registry import REGISTRIES
 
 
 def _build(role, name, **fields):
@@ -35,7 +35,7 @@ def pipe(tiny_sdxl):
 
 
 def _cond(codec, captions=("a red cat", "a blue square on the left")):
-    from lightning_distill.components.sdxl import default_time_ids
+    from lightning_distill.codecs.sdxl import default_time_ids
 
     return codec.encode_text(list(captions), default_time_ids(16, 16, len(captions)))
 
@@ -121,7 +121,7 @@ def test_unet_encoder_backbone_equals_the_unet_mid_block(teacher, codec):
 def test_discriminator_on_the_unet_backbone(teacher, codec, conditional):
     cls, cfg = _build("discriminator", "backbone_head", backbone={"name": "unet_encoder"},
                       head={"name": "conv", "channels": 32, "blocks": 1})
-    from lightning_distill.config import validate
+    from lightning_distill.config.fields import validate
 
     cfg = validate({"backbone": {"name": "unet_encoder"}, "head": {"name": "conv", "channels": 32}}, cls.Config)
     disc = cls(cfg, teacher=teacher, conditional=conditional)
@@ -137,7 +137,7 @@ def test_discriminator_on_the_unet_backbone(teacher, codec, conditional):
 def test_lora_follows_the_lcm_lora_rule_and_merges_like_peft(teacher):
     import copy
 
-    from lightning_distill.config import validate
+    from lightning_distill.config.fields import validate
 
     cls = REGISTRIES["adapter"].get("lora")
     lora = cls(validate({"rank": 4}, cls.Config))
@@ -189,7 +189,7 @@ def fast_overrides(loaded, tiny_sdxl, lr=None, steps=1):
 
 @pytest.mark.parametrize("variant", ["full", "lora"])
 def test_sdxl_recipe_runs_every_phase_kind_through_the_cli(cli, tiny_sdxl, tmp_path, variant):
-    from lightning_distill.recipe import load_recipe
+    from lightning_distill.config.recipe import load_recipe
 
     recipe = ROOT / "recipes" / "sdxl_lightning" / f"{variant}.yaml"
     out = tmp_path / variant

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_distill.components.shapes import COLORS, HELD_OUT, KINDS, POSITIONS, SIZES, WHERE, Shapes
+from lightning_distill.worlds.shapes.world import COLORS, HELD_OUT, KINDS, POSITIONS, SIZES, WHERE, Shapes
 
 
 def test_the_world_is_deterministic_from_its_seed():

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lightning_distill.components.metrics import Adherence, ShapesFeatures, coverage, frechet_distance
-from lightning_distill.components.shapes import Shapes
-from lightning_distill.recipe import load_recipe
+from lightning_distill.eval.metrics import Adherence, coverage, frechet_distance
+from lightning_distill.worlds.shapes.features import ShapesFeatures
+from lightning_distill.worlds.shapes.world import Shapes
+from lightning_distill.config.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
@@ -21,7 +22,7 @@ TINY = ROOT / "recipes" / "tiny"
 
 @pytest.fixture(scope="module")
 def minilm():
-    from lightning_distill.components.text import MiniLMCodec
+    from lightning_distill.codecs.minilm import MiniLMCodec
 
     return MiniLMCodec(MiniLMCodec.Config())
 
@@ -94,10 +95,10 @@ def test_metrics_on_real_data_and_noise(features):
 
 def test_shipped_teacher_follows_captions(minilm, features):
     """The shipped teacher, loaded through from_pretrained, draws what the captions say."""
-    from lightning_distill.components.sdxl import UNetTeacher
-    from lightning_distill.components.teacher import guided
-    from lightning_distill.recipe import ASSETS
-    from lightning_distill.sampling import sample_latents
+    from lightning_distill.models.sdxl.network import UNetTeacher
+    from lightning_distill.models.teacher import guided
+    from lightning_distill.config.recipe import ASSETS
+    from lightning_distill.inference.sampler import sample_latents
 
     teacher = UNetTeacher(UNetTeacher.Config(pretrained=str(ASSETS / "tiny" / "teacher")))
     assert teacher.schedule.config.beta_schedule == "linear" and teacher.prediction == "v_prediction"
@@ -115,12 +116,12 @@ def test_branch_from_starts_a_second_ladder():
     phases = {p.name: p for p in loaded.recipe.schedule.build().phases()}
     s8 = phases["s8-mse"]
     m4 = phases["m4-mse"]
-    assert m4.options["teacher_from"] == "s8" and m4.options["student_from"] == s8.index
-    assert m4.options["teacher_steps"] == 8 and m4.options["student_steps"] == 4
+    assert m4.options.teacher_from == "s8" and m4.options.student_from == s8.index
+    assert m4.options.teacher_steps == 8 and m4.options.student_steps == 4
     m2 = phases["m2-mse"]
-    assert m2.options["teacher_from"] is None and m2.options["student_from"] is None  # follows its branch
-    assert phases["m1-mse"].options["prediction"] == "sample"
-    assert phases["l4-cond"].options["student_from"] is None
+    assert m2.options.teacher_from is None and m2.options.student_from is None  # follows its branch
+    assert phases["m1-mse"].options.prediction == "sample"
+    assert phases["l4-cond"].options.student_from is None
     scaled = load_recipe(TINY / "lightning.yaml", ["schedule.steps_scale=0.01"]).recipe.schedule.build().phases()
     assert all(p.steps == max(1, round(phases[p.name].steps * 0.01)) for p in scaled)
 
@@ -138,7 +139,7 @@ def test_diffusion_training_and_export_roundtrip(tmp_path, cli):
     """The teacher recipe's method trains in the same loop; its export loads with from_pretrained as a teacher."""
     from safetensors.torch import load_file
 
-    from lightning_distill.components.sdxl import UNetTeacher
+    from lightning_distill.models.sdxl.network import UNetTeacher
 
     out = tmp_path / "teacher"
     small = ["method.unet.block_out_channels=[8,16,16]", "schedule.steps=3", "train.batch_size=4",
@@ -191,10 +192,14 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
 
 def test_students_sample_with_their_teachers_parameterisation():
     """Students of the v-prediction teacher sample as v-prediction, the x0-converted 1-step ones as x0."""
-    from lightning_distill.export import prediction_of
-
     loaded = load_recipe(TINY / "lightning.yaml")
     phases = {p.stage: p for p in loaded.recipe.schedule.build().phases()}
+    method = loaded.recipe.method.build(phases=list(phases.values()), codec=None, seed=0)
+
+    def prediction_of(loaded, phase):  # what the method records for the phase (built empty: no weights read)
+        method.attach(method.build_phase(phase, artifacts=None, empty=True))
+        return method.facts(phase).prediction
+
     assert prediction_of(loaded, phases["s8"]) == "v_prediction"
     assert prediction_of(loaded, phases["m2"]) == "v_prediction"
     assert prediction_of(loaded, phases["l1"]) == prediction_of(loaded, phases["m1"]) == "sample"

@@ -83,7 +83,7 @@ def test_sigkill_and_rerun_ends_bit_identical_to_an_uninterrupted_run(cli, tmp_p
 KILL_DURING_SAVE = r"""
 import os, signal, sys, torch
 from pathlib import Path
-import lightning_distill.checkpoint as ck
+import lightning_distill.engine.checkpoint as ck
 from lightning_distill.cli import main
 
 real_save = torch.save
@@ -109,7 +109,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert died.returncode == -signal.SIGKILL, died.stderr
     ckpts = out / "checkpoints"
     assert (ckpts / ".tmp-step-00000008").is_dir()  # the half-written one
-    from lightning_distill.checkpoint import Checkpoints
+    from lightning_distill.engine.checkpoint import Checkpoints
 
     class _Fabric:  # enough of Fabric for reading checkpoint folders
         is_global_zero, global_rank, world_size = True, 0, 1

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..method import Phase
+from lightning_distill.methods.base import Phase
 
 
 class Callback:

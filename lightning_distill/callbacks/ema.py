@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..registry import CALLBACKS
-from .base import Callback
+from lightning_distill.config.registry import CALLBACKS
+from lightning_distill.callbacks.base import Callback
 
 
 def _local(t: Tensor) -> Tensor:

@@ -6,9 +6,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..method import Phase
-from ..registry import CALLBACKS
-from .base import Callback
+from lightning_distill.methods.base import Phase
+from lightning_distill.config.registry import CALLBACKS
+from lightning_distill.callbacks.base import Callback
 
 
 @CALLBACKS.register("progress")

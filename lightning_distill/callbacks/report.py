@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..evaluate import EvalConfig, check_rows, evaluate_run
-from ..registry import CALLBACKS
-from .base import Callback
+from lightning_distill.eval.evaluate import EvalConfig, check_rows, evaluate_run
+from lightning_distill.config.registry import CALLBACKS
+from lightning_distill.callbacks.base import Callback
 
 
 @CALLBACKS.register("report")

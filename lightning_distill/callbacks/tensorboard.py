@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import Tensor
 
-from ..images import image_grid
-from ..method import Phase
-from ..registry import CALLBACKS
-from .base import Callback
+from lightning_distill.utils.images import image_grid
+from lightning_distill.methods.base import Phase
+from lightning_distill.config.registry import CALLBACKS
+from lightning_distill.callbacks.base import Callback
 
 
 @CALLBACKS.register("tensorboard")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from lightning_distill.checkpoint import Artifacts, Checkpoints
-from lightning_distill.distributed import build_fabric
-from lightning_distill.loop import _setup_phase, _views
-from lightning_distill.recipe import load_recipe
+from lightning_distill.engine.artifacts import Artifacts
+from lightning_distill.engine.checkpoint import Checkpoints
+from lightning_distill.engine.distributed import build_fabric
+from lightning_distill.engine.phase import module_views, setup_phase
+from lightning_distill.config.recipe import load_recipe
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "debug.yaml"
 
@@ -53,10 +54,10 @@ def main(out_dir: Path) -> None:
 
         for step in range(3):
             batch = fabric.to_device(default_collate([data[(4 * step + i + fabric.global_rank) % len(data)] for i in range(4)]))
-            method.attach(_views(modules, None))
+            method.attach(module_views(modules, None))
             prepared = method.prepare(batch, phase.start + step)
             for name in phase.optimizers_at(phase.start + step):
-                method.attach(_views(modules, name))
+                method.attach(module_views(modules, name))
                 loss, _ = method.training_step(prepared, name)
                 fabric.backward(loss)
                 optimizers[name].step()
@@ -66,7 +67,8 @@ def main(out_dir: Path) -> None:
     artifacts.save(0, {"student": method.build_phase(phases[0], artifacts)["student"].state_dict()})
 
     fabric.seed_everything(1)
-    modules, optimizers = _setup_phase(fabric, method, phase, artifacts, recipe.optimizer)
+    run = setup_phase(fabric, method, phase, artifacts, recipe.optimizer)
+    modules, optimizers = run.modules, run.optimizers
     train_a_little(modules, optimizers)
     before = snapshot(modules, optimizers)
     state = {n: {"model": modules[n], "optimizer": o} for n, o in optimizers.items()}
@@ -75,7 +77,8 @@ def main(out_dir: Path) -> None:
     sharded = sorted(p.name for p in (path / "state-student").iterdir())
 
     fabric.seed_everything(2)  # fresh modules and optimizers, different from the trained ones
-    modules2, optimizers2 = _setup_phase(fabric, method, phase, artifacts, recipe.optimizer)
+    run2 = setup_phase(fabric, method, phase, artifacts, recipe.optimizer)
+    modules2, optimizers2 = run2.modules, run2.optimizers
     fresh = snapshot(modules2, optimizers2)
     ckpts.load(path, {n: {"model": modules2[n], "optimizer": o} for n, o in optimizers2.items()})
     after = snapshot(modules2, optimizers2)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_distill.callbacks import Callback
-from lightning_distill.registry import CALLBACKS
+from lightning_distill.config.registry import CALLBACKS
 
 
 @CALLBACKS.register("kill_at_env")

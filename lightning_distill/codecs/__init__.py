@@ -1,0 +1,1 @@
+"""Codecs: pixels <-> latents and captions -> conditioning."""

@@ -1,0 +1,234 @@
+"""Recipes: YAML files (OmegaConf) validated against the typed config tree before anything loads.
+
+A recipe may ``extends:`` a base recipe (a path relative to itself, or a list of them); keys of the recipe
+replace those of its bases, mappings merge, lists replace. Command-line overrides are dot-lists
+(``train.batch_size=8``) applied last. ``imports:`` lists modules to import before components are looked up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_distill.config.fields import Min, PositiveInt, Spec, component, to_dict, validate
+from lightning_distill.errors import RecipeError, UserError
+from lightning_distill.config.registry import import_modules
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _asset(name: str) -> str:
+    """``${asset:NAME}`` in a recipe: the absolute path of ``NAME`` among the files shipped in the package."""
+    path = ASSETS / name
+    if not path.exists():
+        shipped = sorted(str(p.relative_to(ASSETS)) for p in ASSETS.glob("*/*")) if ASSETS.is_dir() else []
+        raise UserError(f"${{asset:{name}}}: no such shipped file; shipped: {', '.join(shipped) or 'none'}")
+    return str(path)
+
+
+if not OmegaConf.has_resolver("asset"):  # register_resolver from omegaconf 2.4 on, register_new_resolver before
+    getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("asset", lambda name: _asset(name))
+
+
+@dataclass(kw_only=True)
+class FabricConfig:
+    """Devices, precision and parallelism; passed to ``lightning.fabric.Fabric``."""
+
+    accelerator: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "cpu"
+    devices: PositiveInt = 1
+    """Processes per node."""
+    num_nodes: PositiveInt = 1
+    strategy: Literal["auto", "single", "ddp", "fsdp2"] = "auto"
+    """auto: single process for devices=1 and num_nodes=1, else ddp. fsdp2: ModelParallelStrategy + fully_shard."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    distributed_checkpoint: bool = True
+    """fsdp2 only: write sharded checkpoints (one folder, each rank its shard) rather than one gathered file."""
+    offload_frozen: bool = False
+    """fsdp2 only: keep the frozen teacher's shards in CPU memory, copied to the device unit by unit as it runs."""
+    meta_init: bool = False
+    """fsdp2 only: only rank 0 loads weights; the other ranks build every module on the meta device, and each
+    rank's shards are materialised on its device and filled from rank 0 (one copy of the models in host
+    memory per run instead of one per process)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What the generic loop owns: batching, accumulation, clipping, logging, checkpoints."""
+
+    batch_size: PositiveInt = 4
+    """Samples per device per micro-batch."""
+    num_workers: Annotated[int, Min(0)] = 0
+    grad_accum: PositiveInt = 1
+    """Micro-batches per optimizer step."""
+    clip_grad_norm: float | None = 1.0
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100
+    """Steps between checkpoints; a checkpoint is also written at the end of every phase."""
+    keep_last: PositiveInt = 2
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    preview_every: Annotated[int, Min(0)] = 0
+    """Steps between sample grids; 0: only at the end of each phase."""
+    compile: bool = False
+    """``torch.compile`` every module of a phase in place (``nn.Module.compile``: weights and checkpoints keep
+    their names). The first steps of each phase then include compilation."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A whole run."""
+
+    imports: list[str] = field(default_factory=list)
+    """Modules to import before components are looked up (unpackaged code that registers components)."""
+    seed: int = 0
+    out: str | None = None
+    """Run folder; ``train --out`` takes precedence."""
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: component("method")  # type: ignore[valid-type]
+    schedule: component("schedule")  # type: ignore[valid-type]
+    data: component("data")  # type: ignore[valid-type]
+    codec: component("codec") = field(default_factory=lambda: {"name": "identity"})  # type: ignore[valid-type]
+    optimizer: component("optimizer") = field(default_factory=lambda: {"name": "adam"})  # type: ignore[valid-type]
+    callbacks: list[component("callback")] = field(  # type: ignore[valid-type]
+        default_factory=lambda: [{"name": "tensorboard"}, {"name": "progress"}]
+    )
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    resolved: dict[str, Any]
+    """The merged, interpolated tree (what ``validate`` prints and the run folder keeps)."""
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """The file and its bases as ``[(label, tree), ...]``, bases first."""
+    if path in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path))
+        raise RecipeError(f"extends forms a loop: {loop}", source=str(path))
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise UserError(f"recipe file not found: {path}{where}")
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise RecipeError(f"not valid YAML: {err}", source=str(path)) from err
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError("a recipe must be a mapping of sections at the top level", source=str(path))
+    bases = tree.pop("extends", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError("expected a path or a list of paths", path="extends", source=str(path))
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for base in bases:
+        layers += _read_yaml((path.parent / base).resolve(), (*chain, path))
+    layers.append((str(path), tree))
+    return layers
+
+
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``KEY=VALUE`` items as ``(dotted key, YAML value)``; list items are addressed by index (``a.0.b``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+        if not sep or not key or not all(part for part in key.split(".")):
+            raise UserError(f"bad override {item!r}: write KEY=VALUE with a dotted key, e.g. train.batch_size=8")
+        try:
+            # OmegaConf's own value grammar: 1e-6 is a float, [a, b] a list, ${x} an interpolation
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # type: ignore[index]
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise UserError(f"bad override {item!r}: the value is not valid YAML ({err})") from err
+        parsed.append((key, value))
+    return parsed
+
+
+def _get_path(tree: Any, path: str) -> Any:
+    node = tree
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _has_path(tree: Any, path: str) -> bool:
+    node = tree
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  # type: ignore[assignment]
+    """Read, merge, interpolate and validate a recipe. Imports ``imports:`` modules; builds nothing."""
+    layers = _read_yaml(Path(path).resolve(), ())
+    updates = _parse_overrides(list(overrides))
+
+    def source(key: str) -> str | None:
+        # Who set the key: the command line, else the layer holding its deepest existing prefix (a wrong value
+        # names the file holding it; a missing or unknown key, the file that wrote its section).
+        key = re.sub(r"\[(\d+)\]", r".\1", key)
+        if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k, _ in updates if key):
+            return "command line"
+        parts = key.split(".") if key else []
+        owner = layers[-1][0]
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            holder = next(((label, tree) for label, tree in reversed(layers) if _has_path(tree, prefix)), None)
+            if holder is None:
+                break
+            owner = holder[0]
+            if not isinstance(_get_path(holder[1], prefix), dict):  # lists and values replace, never merge
+                break
+        return owner
+
+    try:
+        merged = OmegaConf.merge(*(OmegaConf.create(tree) for _, tree in layers))
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or "")
+        raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
+    for key, value in updates:
+        try:
+            OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section
+        except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:
+            raise UserError(f"bad override {key}={value!r}: {str(err).splitlines()[0]}") from err
+    try:
+        resolved = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or "")
+        raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
+    assert isinstance(resolved, dict)
+    imports = resolved.get("imports", [])
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise RecipeError("expected a list of module names", path="imports", source=source("imports"))
+    import_modules(imports)
+    recipe = validate(resolved, Recipe, source=source)
+    for flag in ("offload_frozen", "meta_init"):
+        if getattr(recipe.fabric, flag) and recipe.fabric.strategy != "fsdp2":
+            raise RecipeError(f"{flag} needs strategy: fsdp2", path=f"fabric.{flag}", source=source("fabric"))
+    phases = recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
+    for spec in (recipe.method, *recipe.callbacks):  # components' own cross-checks against the schedule
+        check = getattr(spec.component(), "check", None)
+        if check is not None:
+            check(spec.config, phases)
+    return LoadedRecipe(recipe=recipe, resolved=to_dict(recipe))
+
+
+def dump_recipe(tree: dict[str, Any]) -> str:
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+__all__ = ["FabricConfig", "LoadedRecipe", "Recipe", "Spec", "TrainConfig", "dump_recipe", "load_recipe"]

@@ -1,0 +1,1 @@
+"""Data sources: synthetic batches, image folders and tar shards, cached latents."""

@@ -1,0 +1,130 @@
+"""Cached encodings: every sample encoded once (VAE latents, text embeddings) into safetensors shards.
+
+``lightning-distill cache RECIPE --out DIR`` writes ``DIR/shard-NNNNN.safetensors`` (rows ``latents``, ``text``,
+``pooled``, ``time_ids``) and ``DIR/manifest.json``; a shard is written under a temporary name and renamed,
+so a second run skips the finished shards and resumes the rest. Training reads it with ``data: {name: cached,
+root: DIR}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from lightning_distill.utils.files import publish, write_atomically
+from lightning_distill.errors import UserError
+from lightning_distill.config.registry import DATA
+
+FIELDS = ("latents", "text", "pooled", "time_ids")
+
+
+@DATA.register("cached")
+class Cached(Dataset):
+    """Rows of a cache written by ``lightning-distill cache``: ``latents`` and conditioning, ready to train."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        root: str
+
+    def __init__(self, config: Config, *, seed: int = 0) -> None:
+        self.root = Path(config.root).expanduser()
+        manifest = self.root / "manifest.json"
+        if not manifest.is_file():
+            raise UserError(f"data.root: {self.root} is not a cache (no manifest.json); make one with lightning-distill cache")
+        self.manifest = json.loads(manifest.read_text())
+        if not self.manifest.get("complete"):
+            raise UserError(f"data.root: the cache in {self.root} is unfinished; run the same cache command again")
+        self.index: list[tuple[str, int]] = [
+            (shard["file"], row) for shard in self.manifest["shards"] for row in range(shard["count"])
+        ]
+        if not self.index:
+            raise UserError(f"data.root: the cache in {self.root} is empty")
+        self._open: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        file, row = self.index[i]
+        if file not in self._open:  # opened lazily, per process (loader workers each open their own)
+            self._open[file] = safe_open(str(self.root / file), framework="pt")
+        f = self._open[file]
+        return {k: f.get_slice(k)[row] for k in FIELDS if k in f.keys()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}
+
+
+def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int | None = None) -> dict[str, Any]:
+    """Encode the recipe's data with its codec into ``out`` (resumable). Returns the manifest."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    dataset = recipe.data.build(seed=recipe.seed)
+    codec = recipe.codec.build()
+    if not codec.has_text:
+        raise UserError(f"codec {recipe.codec.name!r} has no text encoders; caching needs one such as sdxl")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    codec.to(device)
+    batch_size = batch_size or recipe.train.batch_size
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".tmp-*"):
+        tmp.unlink()
+    n = len(dataset)
+    # a resumed cache must be the same cache: same data, codec, shard size and samples
+    keys = [getattr(r, "key", str(i)) for i, r in enumerate(getattr(dataset, "records", range(n)))]
+    fingerprint = {"data": recipe.data.to_dict(), "codec": recipe.codec.to_dict(), "shard_size": shard_size,
+                   "samples": n, "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+    stamp = out / "cache.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != fingerprint:
+        raise UserError(
+            f"{out} holds a cache of other data, codec or shard size; use another --out or delete the folder"
+        )
+    write_atomically(stamp, json.dumps(fingerprint, indent=2))
+    shards = []
+    with tqdm(total=n, unit="img", desc=f"caching into {out}") as bar:
+        for start in range(0, n, shard_size):
+            name = f"shard-{start // shard_size:05d}.safetensors"
+            path = out / name
+            stop = min(n, start + shard_size)
+            if path.is_file():  # finished by an earlier run, unless damaged
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        count = f.get_slice("latents").get_shape()[0]
+                except Exception:  # a shard cut short by a crash: encode it again
+                    count = -1
+                if count == stop - start:
+                    shards.append({"file": name, "count": count})
+                    bar.update(stop - start)
+                    continue
+                path.unlink()
+            rows: dict[str, list[Tensor]] = {k: [] for k in FIELDS}
+            for b in range(start, stop, batch_size):
+                batch = default_collate([dataset[i] for i in range(b, min(stop, b + batch_size))])
+                with torch.no_grad():
+                    rows["latents"].append(codec.encode(batch["pixels"].to(device)).cpu())
+                    cond = codec.encode_text(batch["caption"], batch["time_ids"].to(device))
+                for k in ("text", "pooled", "time_ids"):
+                    rows[k].append(cond[k].cpu())
+                bar.update(len(batch["caption"]))
+            tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
+            tmp = out / f".tmp-{name}"
+            save_file(tensors, str(tmp))
+            publish(tmp, path)
+            shards.append({"file": name, "count": int(tensors["latents"].shape[0])})
+    report = dataset.report() if hasattr(dataset, "report") else None
+    manifest = {"complete": True, "total": sum(s["count"] for s in shards), "shards": shards,
+                "codec": recipe.codec.to_dict(), "data": recipe.data.to_dict(), "skipped": report}
+    write_atomically(out / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest

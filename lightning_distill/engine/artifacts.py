@@ -1,0 +1,61 @@
+"""Phase artifacts: the full state dicts a finished phase hands to later ones, one safetensors file each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightning_distill.errors import UserError
+from lightning_distill.methods.base import PhaseFacts
+from lightning_distill.utils.files import publish
+
+
+def artifact_path(root: Path, phase_index: int, phase_name: str) -> Path:
+    """Where phase ``phase_index`` leaves its artifact under ``root`` (a run's ``phases/`` folder)."""
+    return Path(root) / f"{phase_index:02d}-{phase_name}.safetensors"
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """All of a module's weights, gathered to full tensors on CPU (sharded or not); every rank calls this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module = getattr(module, "_original_module", module)  # a Fabric wrapper
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(module, options=options)
+    else:
+        state = module.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+class Artifacts:
+    """What finished phases hand to later ones: ``phases/NN-NAME.safetensors``, written atomically by rank 0."""
+
+    def __init__(self, root: Path, fabric: Any, names: dict[int, str]) -> None:
+        self.root = Path(root)
+        self.fabric = fabric
+        self.names = names
+
+    def path(self, index: int) -> Path:
+        return artifact_path(self.root, index, self.names[index])
+
+    def save(self, index: int, states: dict[str, dict[str, Tensor]], facts: PhaseFacts | None = None) -> None:
+        """Write phase ``index``'s state dicts (keys ``NAME.KEY``), with ``facts`` in the file's metadata."""
+        flat = {f"{name}.{k}": v.contiguous() for name, state in states.items() for k, v in state.items()}
+        if self.fabric.is_global_zero:
+            self.root.mkdir(parents=True, exist_ok=True)
+            final = self.path(index)
+            tmp = final.with_name(f".tmp-{final.name}")
+            save_file(flat, str(tmp), metadata=facts.to_metadata() if facts else None)
+            publish(tmp, final)
+        self.fabric.barrier()
+
+    def __call__(self, index: int) -> dict[str, Tensor]:
+        path = self.path(index)
+        if not path.is_file():
+            raise UserError(f"phase {self.names[index]!r} has no saved result at {path}; was the run folder changed?")
+        return load_file(str(path))

@@ -1,0 +1,132 @@
+"""Atomic, resumable checkpoints and phase artifacts.
+
+A checkpoint is a folder ``checkpoints/step-00000120/`` holding ``state-NAME`` for each trained module (its
+weights and optimizer through ``fabric.save``: one file, or a sharded folder under FSDP2), ``rank-K.pt`` per rank (RNG states, data-loader
+state, callback states) and ``meta.json``. It is written under a temporary name and renamed into place last,
+so a run killed while saving leaves the previous checkpoints intact; half-written folders are removed on the
+next start. Only the newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_distill.errors import UserError
+from lightning_distill.utils.files import fsync_path
+
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """The ``checkpoints/`` folder of a run.
+
+    Args:
+        root: the folder.
+        fabric: the run's Fabric (saves and loads sharded state, ranks, barriers).
+        keep_last: how many complete checkpoints to keep.
+    """
+
+    def __init__(self, root: Path, fabric: Any, keep_last: int) -> None:
+        self.root = Path(root)
+        self.fabric = fabric
+        self.keep_last = max(1, keep_last)
+
+    def clean_partial(self) -> None:
+        """Remove folders a killed save left behind."""
+        if self.fabric.is_global_zero:
+            for folder in (self.root, self.root.parent / "phases"):
+                for tmp in folder.glob(".tmp-*") if folder.is_dir() else []:
+                    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        self.fabric.barrier()
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and (p / "meta.json").is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    @staticmethod
+    def meta(path: Path) -> dict[str, Any]:
+        return json.loads((path / "meta.json").read_text())
+
+    def save(
+        self, step: int, state: dict[str, dict[str, Any]], rank_state: dict[str, Any], meta: dict[str, Any]
+    ) -> Path:
+        """Write checkpoint ``step`` atomically (every rank calls this).
+
+        Args:
+            state: per trained module, ``{"model": module, "optimizer": optimizer}`` (saved one file or folder
+                each: sharded checkpoints hold one model apiece).
+            rank_state: this rank's own state (RNG, data loader, callbacks).
+            meta: JSON-able facts (phase index and name); ``step`` and ``world_size`` are added.
+        """
+        fabric = self.fabric
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        if fabric.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        fabric.barrier()
+        for name, part in state.items():
+            fabric.save(tmp / f"state-{name}", part)
+        torch.save(rank_state, tmp / f"rank-{fabric.global_rank}.pt")
+        fabric.barrier()
+        if fabric.is_global_zero:
+            meta = {**meta, "step": step, "world_size": fabric.world_size}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            for f in [*tmp.rglob("*"), tmp]:  # files and folders: the rename must not outrun their contents
+                fsync_path(f)
+            if final.exists():  # an earlier run wrote this step and was killed before moving on
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(self.root)
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        fabric.barrier()
+        return final
+
+    def load(self, path: Path, state: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Load models/optimizers into ``state`` in place; return this rank's own state."""
+        meta = self.meta(path)
+        if meta["world_size"] != self.fabric.world_size:
+            raise UserError(
+                f"checkpoint {path} was written by {meta['world_size']} processes, this run has "
+                f"{self.fabric.world_size}; resume with the same devices x num_nodes"
+            )
+        for name, part in state.items():
+            self.fabric.load(path / f"state-{name}", part)
+        return self.load_rank_state(path)
+
+    def load_rank_state(self, path: Path) -> dict[str, Any]:
+        return torch.load(path / f"rank-{self.fabric.global_rank}.pt", weights_only=False)
+
+

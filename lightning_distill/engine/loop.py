@@ -1,0 +1,104 @@
+"""The one generic Fabric loop. It knows phases, modules and optimizers by name; the method owns the maths."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from lightning_distill.engine.artifacts import Artifacts
+from lightning_distill.engine.checkpoint import Checkpoints, rng_state, set_rng_state
+from lightning_distill.errors import UserError
+from lightning_distill.engine.loader import make_loader
+from lightning_distill.engine.phase import module_views, run_iteration, setup_phase
+from lightning_distill.methods.base import Method, Phase
+from lightning_distill.config.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def fit(
+    fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any], on_start: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Run every phase of the recipe's schedule, resuming from the newest checkpoint in ``out_dir``.
+
+    ``on_start`` runs once the data source opened, before any model loads. Returns the last logged metrics.
+    """
+    cfg = recipe.train
+    phases: list[Phase] = recipe.schedule.build().phases()
+    ckpts = Checkpoints(out_dir / "checkpoints", fabric, cfg.keep_last)
+    artifacts = Artifacts(out_dir / "phases", fabric, {p.index: p.name for p in phases})
+    ckpts.clean_partial()
+    resume = ckpts.latest()
+    meta = ckpts.meta(resume) if resume else {"step": 0, "phase": -1}
+    if resume and meta["world_size"] != fabric.world_size:
+        raise UserError(
+            f"{resume} was written by {meta['world_size']} processes, this run has {fabric.world_size}; "
+            "resume with the same devices x num_nodes"
+        )
+    step: int = meta["step"]
+
+    dataset = recipe.data.build(seed=recipe.seed)
+    on_start()
+    loader = make_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=recipe.seed, fabric=fabric)
+    if resume:
+        loader.load_state_dict(ckpts.load_rank_state(resume)["loader"])
+    batches = iter(loader)
+    preview_batch = fabric.to_device(default_collate([dataset[i] for i in range(min(cfg.batch_size, len(dataset)))]))
+    codec = fabric.to_device(recipe.codec.build().eval().requires_grad_(False))
+    method: Method = recipe.method.build(phases=phases, codec=codec, seed=recipe.seed)
+    metrics: dict[str, float] = {}
+
+    fabric.call("on_fit_start", fabric=fabric, total_steps=phases[-1].end, start_step=step)
+    for phase in phases:
+        if step >= phase.end:
+            continue
+        fabric.seed_everything(recipe.seed + phase.index, verbose=False)  # same fresh modules on every rank
+        run = setup_phase(fabric, method, phase, artifacts, recipe.optimizer, cfg.compile)
+        modules, state = run.modules, run.checkpoint_state()
+        if meta["phase"] == phase.index:  # resume inside this phase
+            own = ckpts.load(resume, state)  # type: ignore[arg-type]
+            set_rng_state(own["rng"])
+            for cb, cb_state in zip(callbacks, own["callbacks"]):
+                if cb_state is not None:
+                    cb.load_state_dict(cb_state)
+        else:  # each rank draws its own noise
+            torch.manual_seed(recipe.seed * 100_003 + phase.index * 1009 + fabric.global_rank)
+        fabric.call("on_phase_start", fabric=fabric, phase=phase, modules=modules, step=step)
+
+        while step < phase.end:
+            micro = [fabric.to_device(next(batches)) for _ in range(cfg.grad_accum)]
+            logs = run_iteration(fabric, method, run, micro, step, cfg.clip_grad_norm)
+            step += 1
+            fabric.call("on_step_end", fabric=fabric, phase=phase, step=step, logs=logs, modules=modules)
+
+            if step % cfg.log_every == 0 or step == phase.end:
+                metrics = {k: float(fabric.all_reduce(v.to(fabric.device), reduce_op="mean")) for k, v in logs.items()}
+                fabric.call("on_log", fabric=fabric, phase=phase, step=step, metrics=metrics)
+            if (cfg.preview_every and step % cfg.preview_every == 0) or step == phase.end:
+                method.attach(module_views(modules, active=None))
+                images = method.preview(preview_batch)
+                if images is not None:
+                    fabric.call("on_preview", fabric=fabric, phase=phase, step=step, images=images)
+            if step % cfg.checkpoint_every == 0 or step == phase.end:
+                if step == phase.end:  # before the checkpoint: a resume past this phase needs its result
+                    fabric.call("on_phase_result", fabric=fabric, phase=phase, modules=modules, step=step)
+                    artifacts.save(phase.index, method.artifact(), method.facts(phase))
+                own = {
+                    "rng": rng_state(),
+                    "loader": loader.state_dict(),
+                    "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
+                }
+                ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name})
+        fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
+    report = getattr(dataset, "report", lambda: None)()
+    if report and fabric.is_global_zero:
+        log.warning("data: %s", report)
+    fabric.call("on_fit_end", fabric=fabric, step=step, recipe=recipe)
+    return metrics
+
+

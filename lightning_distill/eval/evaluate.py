@@ -1,0 +1,188 @@
+"""Evaluate a distillation run: sample the teacher and each stage's student on the same prompts and noise, score
+the samples with registered metrics, and write ``report.md``, ``metrics.json``, PNG grids and TensorBoard scalars.
+
+The ``report`` callback calls :func:`evaluate_run` when training ends; notebooks call it on a run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_distill.config.fields import PositiveInt, component
+from lightning_distill.errors import UserError
+from lightning_distill.methods.base import PhaseModel
+from lightning_distill.utils.images import image_grid, to_unit
+from lightning_distill.utils.files import write_atomically
+from lightning_distill.config.recipe import LoadedRecipe, Recipe
+
+
+@dataclass(kw_only=True)
+class ModelRow:
+    model: str
+    """The label in the report and in ``metrics.json`` (e.g. lightning, mse)."""
+    stage: str
+    """The stage (or phase) whose final student is evaluated."""
+    steps: PositiveInt | None = None
+    """Sampling steps; default: the stage's student_steps."""
+
+
+@dataclass(kw_only=True)
+class TeacherRows:
+    steps: list[PositiveInt] = field(default_factory=lambda: [32])
+    """Rows for the teacher, one per step count."""
+    guidance: float = 3.0
+    """Classifier-free guidance of the teacher's samples (students sample without)."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    samples: PositiveInt = 256
+    """Prompts (one sample each) drawn from the data source below, with their real images as the reference."""
+    data: component("data") = field(default_factory=lambda: {"name": "shapes", "split": "all"})  # type: ignore[valid-type]
+    """Where prompts, real images and attributes come from (the first ``samples`` items)."""
+    seed: int = 1234
+    """Seeds the prompts and the sampling noise (the same for every model)."""
+    teacher: TeacherRows = field(default_factory=TeacherRows)
+    models: list[ModelRow] = field(default_factory=list)
+    features: component("features") = field(default_factory=lambda: {"name": "shapes"})  # type: ignore[valid-type]
+    metrics: list[component("metric")] = field(  # type: ignore[valid-type]
+        default_factory=lambda: [{"name": n} for n in ("fd", "fd_patch", "adherence", "coverage")]
+    )
+    grid: PositiveInt = 16
+    """Samples in each PNG grid (the first prompts)."""
+    grid_zoom: PositiveInt = 3
+    """Pixels per image pixel in the PNG grids (nearest neighbour), so that small images can be seen."""
+    batch_size: PositiveInt = 128
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def evaluate_run(
+    run_dir: Path, recipe: Recipe, config: EvalConfig, device: torch.device | str = "cpu", writer: Any = None,
+) -> dict[str, Any]:
+    """Sample and score every row; write the report files into ``run_dir``; return the ``metrics.json`` tree."""
+    from torch.utils.data import default_collate
+
+    from lightning_distill.codecs.base import prompt_conditioning
+    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.inference.sample import save_grid
+
+    run_dir = Path(run_dir)
+    run = RunFolder(run_dir, LoadedRecipe(recipe=recipe, resolved={}))
+    method = run.method()
+    device = torch.device(device)
+    data = config.data.build(seed=config.seed)
+    if len(data) < config.samples:
+        raise UserError(f"evaluation: the data source has {len(data)} items, fewer than samples={config.samples}")
+    items = [data[i] for i in range(min(config.samples, len(data)))]
+    batch = default_collate(items)
+    real = to_unit(batch["pixels"])
+    prompts: list[str] = list(batch["caption"])
+    attributes = batch.get("attributes")
+
+    codec = recipe.codec.build().to(device)
+    cond = prompt_conditioning(codec, prompts, *real.shape[-2:], device)
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(config.seed))
+    features = config.features.build().to(device)
+    metrics = [(m.name, m.build()) for m in config.metrics]
+
+    def sample(model: PhaseModel, steps: int, guidance: float = 0.0) -> Tensor:
+        model.denoiser.to(device)
+        out = []
+        for s in _chunks(len(prompts), config.batch_size):
+            x = model.sample(noise[s].to(device), {k: v[s] for k, v in cond.items()}, steps, guidance)
+            out.append(to_unit(codec.decode(x)))
+        return torch.cat(out)
+
+    rows: list[tuple[str, int, Tensor, float]] = []
+    teacher = method.phase_model(None, None)
+    for steps in config.teacher.steps:
+        start = time.perf_counter()
+        images = sample(teacher, steps, config.teacher.guidance)
+        rows.append(("teacher", steps, images, time.perf_counter() - start))
+    for row in config.models:
+        model = run.phase_model(run.pick(row.stage), method)
+        steps = row.steps or model.facts.steps
+        start = time.perf_counter()
+        images = sample(model, steps)
+        rows.append((row.model, steps, images, time.perf_counter() - start))
+
+    described_real = features.describe(real, attributes)
+    reference = features.describe(rows[0][2], attributes)  # the teacher at its first (most) steps
+    results = []
+    for model, steps, images, seconds in rows:
+        described = features.describe(images, attributes)
+        scores = {name: metric(described, described_real, reference) for name, metric in metrics}
+        results.append({"model": model, "steps": steps, **scores, "seconds": round(seconds, 3)})
+    real_scores = {name: metric(described_real, described_real, reference) for name, metric in metrics}
+
+    grids = run_dir / "samples"
+
+    def zoom(images: Tensor) -> Tensor:
+        return torch.nn.functional.interpolate(images[: config.grid], scale_factor=config.grid_zoom, mode="nearest")
+
+    save_grid(zoom(real), grids / "real.png")
+    for model, steps, images, _ in rows:
+        save_grid(zoom(images), grids / f"{model}-{steps}step.png")
+    tree = {
+        "results": results,
+        "real": real_scores,
+        "samples": len(prompts),
+        "prompts": prompts[: config.grid],
+        "teacher_guidance": config.teacher.guidance,
+    }
+    write_atomically(run_dir / "metrics.json", json.dumps(tree, indent=2))
+    write_atomically(run_dir / "report.md", report(tree, [name for name, _ in metrics]))
+    if writer is not None:
+        for r in results:
+            for name, _ in metrics:
+                writer.add_scalar(f"eval/{r['model']}/{name}", r[name], r["steps"])
+        for model, steps, images, _ in rows:
+            writer.add_image(f"eval/{model}-{steps}step", image_grid(images[: config.grid]), 0)
+        writer.flush()
+    return tree
+
+
+def report(tree: dict[str, Any], names: list[str]) -> str:
+    """The markdown report: the table, then one grid per row (same prompts and noise)."""
+    arrow = {"fd": "↓", "fd_patch": "↓", "adherence": "↑", "coverage": "↑", "teacher_distance": "↓"}
+    head = ["model", "steps", *[f"{n} {arrow.get(n, '')}".strip() for n in names], "sampling s"]
+    lines = [
+        "# Evaluation",
+        "",
+        f"{tree['samples']} prompts, one sample each, the same noise for every model; the teacher samples with "
+        f"guidance {tree['teacher_guidance']}, students without. fd and fd_patch are against real images of the "
+        "same prompts; coverage is against the teacher's samples.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in [*tree["results"], {"model": "real images", "steps": "", **tree["real"], "seconds": ""}]:
+        cells = [str(r["model"]), str(r["steps"]), *[f"{r[n]:.3f}" for n in names], str(r["seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Samples", "", "Prompts, in grid order (row by row):", ""]
+    lines += [f"{i + 1}. {p}" for i, p in enumerate(tree["prompts"])]
+    lines += ["", "real images: ![real](samples/real.png)", ""]
+    for r in tree["results"]:
+        name = f"{r['model']}-{r['steps']}step"
+        lines += [f"**{r['model']}, {r['steps']} steps**", "", f"![{name}](samples/{name}.png)", ""]
+    return "\n".join(lines)
+
+
+def check_rows(config: EvalConfig, phases: list[Any]) -> None:
+    """Each row names a stage or phase of the schedule (checked when the recipe loads)."""
+    names = {p.stage for p in phases} | {p.name for p in phases}
+    for row in config.models:
+        if row.stage not in names:
+            raise UserError(f"callbacks report: models stage {row.stage!r} is not in the schedule; "
+                            f"choose one of {', '.join(sorted(names))}")

@@ -1,0 +1,141 @@
+"""Evaluation on the tiny shapes world: a small classifier trained on the world gives the features.
+
+- ``fd``: Fréchet distance between Gaussian fits of whole-image features (the penultimate layer), samples
+  against real images of the same prompts; the world's FID.
+- ``fd_patch``: the same on patch features: the classifier's 8×8 feature map, each position a descriptor of an
+  about 11-pixel patch. Like the paper's FID-Patch it looks at local detail (edges, flat colour, noise), so blur
+  that whole-image features forgive shows here.
+- ``adherence``: the fraction of the caption's attributes (colour, kind, position, size) that the classifier
+  reads back from the sample; real images score about 1.
+- ``teacher_distance``: RMS pixel distance to the teacher's sample from the same noise and prompt (how well
+  the probability flow is kept).
+- ``coverage``: of the teacher's samples, the fraction whose k-nearest-neighbour ball (in whole features) holds
+  at least one of the model's samples (Naeem et al., 2020): mode coverage against the teacher.
+
+The classifier ships in the package (``assets/tiny/features.safetensors``, about 0.3 MB) and is made by
+``python -m lightning_distill.train_features --out lightning_distill/assets/tiny/features.safetensors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_distill.errors import UserError
+from lightning_distill.config.registry import METRICS
+
+
+@dataclass
+class Described:
+    """What the feature network says about a set of images (all on the CPU, float64 features)."""
+
+    whole: Tensor
+    """``[N, D]`` whole-image features."""
+    patch: Tensor
+    """``[N * P, D']`` patch features."""
+    predicted: Tensor
+    """``[N, 4]`` attribute classes read from the images."""
+    attributes: Tensor | None = None
+    """``[N, 4]`` the attributes the captions asked for."""
+    images: Tensor | None = None
+    """``[N, 3, H, W]`` the images themselves, in [0, 1]."""
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """``|μa - μb|² + tr(Σa + Σb - 2 (Σa^½ Σb Σa^½)^½)`` between Gaussian fits of the rows of ``a`` and ``b``."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    middle = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    distance = float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+    return max(0.0, distance)  # rounding can leave a tiny negative number for identical sets
+
+
+def coverage(real: Tensor, fake: Tensor, k: int = 5) -> float:
+    """Fraction of ``real`` rows whose k-NN radius (among ``real``) contains at least one ``fake`` row."""
+    real, fake = real.double(), fake.double()
+    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # the point itself is its first neighbour
+    return float((torch.cdist(real, fake).min(dim=1).values < radius).double().mean())
+
+
+def _subsample(x: Tensor, n: int) -> Tensor:
+    if x.shape[0] <= n:
+        return x
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
+
+
+class Metric:
+    """Base of the registered metrics: ``metric(samples, real, teacher) -> float``; settings in ``Config``."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        pass
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        raise NotImplementedError
+
+
+@METRICS.register("fd")
+class WholeFD(Metric):
+    """Fréchet distance of whole-image features, samples against real images."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        return frechet_distance(samples.whole, real.whole)
+
+
+@METRICS.register("fd_patch")
+class PatchFD(Metric):
+    """Fréchet distance of patch features (each position of the classifier's 8×8 map), samples against real."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        max_patches: int = 20_000
+        """Patches drawn from each set (a fixed subset), to bound the cost."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        n = self.config.max_patches
+        return frechet_distance(_subsample(samples.patch, n), _subsample(real.patch, n))
+
+
+@METRICS.register("adherence")
+class Adherence(Metric):
+    """Fraction of the prompts' attributes (colour, kind, position, size) that the classifier finds."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        if samples.attributes is None:
+            raise UserError("metric adherence needs the prompts' attributes (data with an 'attributes' entry)")
+        return float((samples.predicted == samples.attributes).double().mean())
+
+
+@METRICS.register("coverage")
+class Coverage(Metric):
+    """Mode coverage against the teacher's samples (k-NN balls in whole-image features); 1 for the teacher."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        k: int = 5
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        reference = teacher if teacher is not None else real
+        return coverage(reference.whole, samples.whole, self.config.k)
+
+
+@METRICS.register("teacher_distance")
+class TeacherDistance(Metric):
+    """Root-mean-square pixel distance (in [0, 1] units) between each sample and the teacher's sample from the
+    same noise and prompt: how closely a student keeps the teacher's probability flow (0 for the teacher)."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        if teacher is None or teacher.images is None or samples.images is None:
+            raise UserError("metric teacher_distance needs the teacher's samples")
+        return float((samples.images.double() - teacher.images.double()).square().mean().sqrt())
+
+

@@ -1,0 +1,1 @@
+"""Export: finished phases as diffusers folders and LoRA files (diffusers and ComfyUI names)."""

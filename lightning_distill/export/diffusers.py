@@ -1,0 +1,120 @@
+"""``export``: a finished phase of a run as files the diffusers and ComfyUI ecosystems load.
+
+- ``diffusers``: ``unet/`` (``UNet2DConditionModel.from_pretrained``), ``scheduler/`` (Euler, trailing spacing,
+  the student's prediction type), ``README.md`` (a model card: recipe, steps, how to sample),
+  ``lightning_distill.json`` (the base model, steps and prediction, for ``lightning-distill sample``).
+- ``lora``: ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` + ``pipe.fuse_lora``: the
+  difference between the distilled and the base UNet on the LoRA-targeted layers, factored to ``rank`` by SVD
+  (exact when the difference has at most that rank, as after LoRA-only training).
+- ``comfyui``: the same LoRA with kohya/ComfyUI key names (``lora_unet_..._to_q.lora_down.weight``, ``.alpha``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors.torch import save_file
+
+from lightning_distill.errors import UserError
+from lightning_distill.utils.files import replace_folder
+from lightning_distill.engine.runfolder import RunFolder
+from lightning_distill.export.lora import LORA_FILE, extract_lora, to_comfyui
+from lightning_distill.utils.tensors import DTYPES
+
+log = logging.getLogger(__name__)
+Format = Literal["diffusers", "lora", "comfyui"]
+
+
+def check_out(out: Path, run_dir: Path) -> Path:
+    """``--out`` must be new, empty, or an earlier export (which is then replaced); never the run or a parent."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out == run_dir.resolve() or out in run_dir.resolve().parents:
+        raise UserError(f"--out {out} would replace the run folder {run_dir}; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "lightning_distill.json").is_file():
+        raise UserError(f"--out {out} is not empty and holds no export; choose a new or empty folder")
+    return out
+
+
+def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank: int = 64) -> dict[str, Any]:
+    """Write the chosen phase of ``run_dir`` to ``out`` in ``fmt``; returns what was written."""
+    run_dir = Path(run_dir)
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    run = RunFolder(run_dir)
+    out = check_out(Path(out), run_dir)
+    phase = run.pick(stage)
+    model = run.phase_model(phase)
+    if model.network is None or model.scheduler is None:
+        raise UserError(
+            f"export needs a network with a diffusers format (teacher sdxl or unet, or method diffusion); the network "
+            f"of {run_dir} has none. Its phase results are in {run_dir / 'phases'}"
+        )
+    if fmt != "diffusers" and model.base_network is None:
+        raise UserError(f"{run_dir} trained a model from scratch (method {run.recipe.method.name}); export it with --format diffusers")
+    facts = model.facts
+    meta = {"base": model.base, "phase": phase.name, "stage": facts.stage, "steps": facts.steps,
+            "prediction": facts.prediction, "format": fmt, "run": str(run_dir.resolve())}
+
+    def write(tmp: Path) -> None:
+        if fmt == "diffusers":
+            model.network.to(DTYPES[model.export_dtype]).save_pretrained(tmp / "unet")
+            model.scheduler().save_pretrained(tmp / "scheduler")
+        else:
+            lora, info = extract_lora(model, rank)
+            meta.update(info)
+            save_file(to_comfyui(lora) if fmt == "comfyui" else lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
+        (tmp / "lightning_distill.json").write_text(json.dumps(meta, indent=2))
+        if model.base is not None:
+            (tmp / "README.md").write_text(model_card(meta, (run_dir / "recipe.yaml").read_text()))
+
+    replace_folder(Path(out), write)
+    return meta
+
+
+def model_card(meta: dict[str, Any], recipe: str) -> str:
+    steps, pred = meta["steps"], meta["prediction"]
+    sched = f'EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", prediction_type="{pred}")'
+    if meta["format"] == "diffusers":
+        load = (
+            f'unet = UNet2DConditionModel.from_pretrained("THIS_FOLDER", subfolder="unet")\n'
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{meta["base"]}", unet=unet)'
+        )
+    else:
+        load = (
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{meta["base"]}")\n'
+            f'pipe.load_lora_weights("THIS_FOLDER", weight_name="{LORA_FILE}")\npipe.fuse_lora()'
+        )
+    comfy = (
+        "\nComfyUI: put the LoRA file in `models/loras`, load it with *LoraLoader*, and sample with KSampler "
+        f"(sampler `euler`, scheduler `sgm_uniform`, {steps} steps, CFG 1).\n"
+        if meta["format"] == "comfyui"
+        else ""
+    )
+    return f"""# {meta['phase']} — a {steps}-step model distilled with lightning-distill
+
+Distilled from `{meta['base']}` by progressive adversarial diffusion distillation (SDXL-Lightning,
+arXiv 2402.13929); phase `{meta['phase']}` of stage `{meta['stage']}`, prediction type `{pred}`.
+
+## Sampling
+
+{steps} steps, Euler with **trailing** timestep spacing, **no** classifier-free guidance:
+
+```python
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+{load}
+pipe.scheduler = {sched}
+image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0).images[0]
+```
+{comfy}
+## Recipe
+
+```yaml
+{recipe}```
+"""

@@ -1,0 +1,1 @@
+"""Progressive adversarial diffusion distillation (SDXL-Lightning): the method and its stage ladder."""

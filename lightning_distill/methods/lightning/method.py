@@ -1,0 +1,247 @@
+"""Progressive adversarial diffusion distillation (SDXL-Lightning): the method that owns the step.
+
+Each stage's student learns to jump, in one solver step from ``x_t`` to ``x_{t-ns}``, where its frozen teacher
+takes several. A phase regresses the teacher's result (``mse``), plays a GAN against a discriminator that sees
+``x_{t-ns}`` and, when conditional, ``x_t`` (``adversarial``), or converts a copied epsilon network to x0 output
+(``x0_convert``). A stage's final student (its LoRA merged) is the next stage's teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_distill.engine.artifacts import full_state_dict
+from lightning_distill.config.fields import component
+from lightning_distill.errors import UserError
+from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseFacts, PhaseModel
+from lightning_distill.methods.lightning.ladder import LadderOptions
+from lightning_distill.utils.images import to_unit
+from lightning_distill.utils.tensors import strip_prefix
+from lightning_distill.config.registry import METHODS
+from lightning_distill.codecs.base import batch_conditioning, batch_latents
+
+def teacher_paths(index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000) -> Tensor:
+    """Per sample, the teacher's timesteps from the student's ``t`` to its target ``t - ns``.
+
+    The student's ``t`` is point ``index`` of a trailing grid of ``train_timesteps``; its target lies ``jump``
+    grid points later (``-1``, clean, past the end). The teacher walks there in steps of ``T / teacher_steps``.
+    Positions are fractions of the trajectory, so grids of different sizes line up exactly (trailing spacing:
+    ``t = round(T (1 - f)) - 1``). Shorter paths are padded at the front by repeating ``t`` (a step from ``t``
+    to ``t`` changes nothing), giving a ``[B, n + 1]`` tensor.
+    """
+    f = index.double() / train_timesteps
+    f_end = torch.clamp(f + jump / train_timesteps, max=1.0)
+    n = torch.ceil((f_end - f) * teacher_steps - 1e-9).long()
+    n_max = int(n.max())
+    j = torch.arange(n_max + 1, device=index.device)[None, :] - (n_max - n)[:, None]  # front padding: j < 0
+    frac = torch.minimum(f[:, None] + j.clamp(min=0).double() / teacher_steps, f_end[:, None])
+    t = torch.round(T * (1 - frac)).long() - 1
+    return torch.where(frac >= 1 - 1e-9, torch.full_like(t, -1), t)
+
+
+@METHODS.register("distill")
+class ProgressiveDistillation(Method):
+    @dataclass(kw_only=True)
+    class Config:
+        teacher: component("teacher")  # type: ignore[valid-type]
+        student: component("student") = field(default_factory=lambda: {"name": "copy"})  # type: ignore[valid-type]
+        discriminator: component("discriminator") | None = None  # type: ignore[valid-type]
+        """Required when the schedule has adversarial phases."""
+        regression_loss: component("loss") = field(default_factory=lambda: {"name": "mse"})  # type: ignore[valid-type]
+        adversarial_loss: component("loss") = field(default_factory=lambda: {"name": "ns_gan"})  # type: ignore[valid-type]
+        pure_noise_at_T: bool = True
+        """Train on pure noise at t = T (SDXL's schedule never reaches it; sampling starts there)."""
+        preview_size: int = 4
+        """Samples in each preview grid."""
+
+    def __init__(self, config: Config, *, phases: list[Phase], codec: nn.Module, seed: int = 0) -> None:
+        self.config = config
+        self.phases = phases
+        self.codec = codec
+        self.seed = seed
+        self.regression = config.regression_loss.build()
+        self.adversarial = config.adversarial_loss.build()
+        if not getattr(self.adversarial, "adversarial", False):
+            raise UserError(f"method.adversarial_loss: {config.adversarial_loss.name!r} is not an adversarial loss")
+
+    @staticmethod
+    def check(config: Config, phases: list[Phase]) -> None:
+        """Cross-checks of the recipe, before anything loads."""
+        if config.discriminator is None and any(p.kind == "adversarial" for p in phases):
+            raise UserError("method.discriminator: the schedule has adversarial phases; add a discriminator section")
+
+    # -- phases -------------------------------------------------------------------------------------------
+    def _last_phase_of(self, stage: str) -> Phase:
+        return [p for p in self.phases if p.stage == stage][-1]
+
+    def build_phase(self, phase: Phase, artifacts: ArtifactLoader, empty: bool = False) -> dict[str, nn.Module]:
+        if empty:
+            with torch.device("meta"):
+                return self._build(phase, artifacts, empty=True)
+        return self._build(phase, artifacts, empty=False)
+
+    def _build(self, phase: Phase, artifacts: ArtifactLoader, empty: bool) -> dict[str, nn.Module]:
+        c = self.config
+        self.phase = phase
+        stages = list(dict.fromkeys(p.stage for p in self.phases))
+        before = stages[: stages.index(phase.stage)]
+        source = phase.options.teacher_from or (before[-1] if before else None)
+        teacher = c.teacher.build(seed=self.seed, empty=empty) if empty else c.teacher.build(seed=self.seed)
+        if source is not None:  # this stage's teacher: a previous stage's final (merged) student
+            last = self._last_phase_of(source)
+            if not empty:
+                teacher.denoiser.load_state_dict(strip_prefix(artifacts(last.index), "student.net."))
+            teacher.prediction = last.options.prediction or c.student.config.prediction or teacher.prediction
+        earlier = [p for p in self.phases if p.end <= phase.start]
+        student = c.student.build(teacher=teacher, prediction=phase.options.prediction)
+        start = phase.options.student_from
+        if start is None and earlier:  # continue from the last phase's student (it may differ from the teacher)
+            start = earlier[-1].index
+        if start is not None and not empty:  # (or, first in a branch, from the branch point's student)
+            student.load_state_dict(strip_prefix(artifacts(start), "student."))
+        adapter = phase.options.adapter.build()
+        adapter.apply(student.net)
+        self.adapter = adapter
+        modules: dict[str, nn.Module] = {"teacher": teacher, "student": student}
+        if phase.kind == "adversarial":
+            # Re-initialised at every phase: the paper re-initialises the discriminator at each stage, and the
+            # conditional and unconditional heads differ in shape anyway.
+            modules["discriminator"] = c.discriminator.build(teacher=teacher, conditional=phase.options.conditional)
+        return modules
+
+    def artifact(self) -> dict[str, dict[str, Tensor]]:
+        """The student with its adapter merged: plain weights the next phase and stage load."""
+        return {"student": self.adapter.merge_state(full_state_dict(self.modules["student"]))}
+
+    # -- steps --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, batch: dict, step: int) -> dict:
+        o: LadderOptions = self.phase.options
+        latents = batch_latents(batch, self.codec)
+        cond = batch_conditioning(batch, self.codec)
+        teacher = self.modules["teacher"]
+        B, device = latents.shape[0], latents.device
+        # timesteps are drawn on the CPU (tiny, and no device sync for the path length)
+        index = torch.randint(0, o.train_timesteps, (B,), device="cpu")
+        if self.phase.kind == "x0_convert":
+            path = teacher_paths(index, o.train_timesteps, 0, 1, teacher.schedule.T)  # [t, t]
+        else:
+            jump = o.train_timesteps // o.student_steps
+            path = teacher_paths(index, o.train_timesteps, jump, o.teacher_steps, teacher.schedule.T)
+        path = path.to(device)
+        t, t_prev = path[:, -1 if self.phase.kind == "x0_convert" else 0], path[:, -1]
+        noise = torch.randn_like(latents)
+        x_t = teacher.schedule.add_noise(latents, noise, t, pure_noise_at_T=self.config.pure_noise_at_T)
+        if self.phase.kind == "x0_convert":
+            # the x0 the original (epsilon) network implies at x_t: what the x0-parameterised copy must output.
+            # One solver step to t = -1 (ᾱ = 1) is exactly that x0, and goes through forward (FSDP2 hooks it).
+            target = teacher(x_t, torch.stack([t, torch.full_like(t, -1)], dim=1), cond, 0.0)
+        else:
+            target = teacher(x_t, path, cond, o.guidance)
+        prepared = {"x_t": x_t, "t": t, "t_prev": t_prev, "target": target, "cond": cond}
+        if o.renoise_timesteps and self.phase.kind == "adversarial":
+            prepared.update(self._renoise_plan(t_prev, latents, step))
+        return prepared
+
+    def _renoise_plan(self, t_prev: Tensor, like: Tensor, step: int) -> dict[str, Tensor]:
+        """Where the target is clean, a timestep t* (weights moving linearly over the phase) and shared noise."""
+        o: LadderOptions = self.phase.options
+        progress = (step - self.phase.start) / max(1, self.phase.steps - 1)
+        w0, w1 = torch.tensor(o.renoise_weights, device="cpu"), torch.tensor(o.renoise_weights_end, device="cpu")
+        weights = (1 - progress) * w0 + progress * w1
+        pick = torch.multinomial(weights.double(), like.shape[0], replacement=True).to(like.device)  # on the CPU
+        t_star = torch.tensor(o.renoise_timesteps, device=like.device)[pick]
+        return {"t_disc": torch.where(t_prev < 0, t_star, t_prev), "renoise": t_prev < 0, "d_noise": torch.randn_like(like)}
+
+    def _student_step(self, b: dict) -> Tensor:
+        x0, eps = self.modules["student"](b["x_t"], b["t"], b["cond"])
+        if self.phase.kind == "x0_convert":
+            return x0
+        return self.modules["teacher"].schedule.step(x0, eps, b["t_prev"])
+
+    def _discriminate(self, x_prev: Tensor, b: dict) -> Tensor:
+        t_prev = b["t_prev"]
+        if "t_disc" in b:  # re-noise clean samples to t*, with the same noise for real and fake
+            schedule = self.modules["teacher"].schedule
+            noised = schedule.add_noise(x_prev, b["d_noise"], b["t_disc"].clamp(min=0))
+            x_prev = torch.where(b["renoise"].reshape(-1, *[1] * (x_prev.ndim - 1)), noised, x_prev)
+            t_prev = b["t_disc"]
+        return self.modules["discriminator"](x_prev, t_prev, b["cond"], b["x_t"], b["t"])
+
+    def training_step(self, batch: dict, optimizer: str) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.phase.kind in ("mse", "x0_convert"):
+            loss = self.regression(self._student_step(batch), batch["target"])
+            return loss, {f"loss/{self.phase.kind}": loss.detach()}
+        if optimizer == "discriminator":
+            with torch.no_grad():
+                fake = self._student_step(batch)
+            real_logits = self._discriminate(batch["target"], batch)
+            fake_logits = self._discriminate(fake, batch)
+            loss = self.adversarial.discriminator_loss(real_logits, fake_logits)
+            return loss, {
+                "loss/discriminator": loss.detach(),
+                "d/p_real": torch.sigmoid(real_logits.detach().float()).mean(),
+                "d/p_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+            }
+        fake = self._student_step(batch)
+        loss = self.adversarial.generator_loss(self._discriminate(fake, batch))
+        with torch.no_grad():
+            gap = self.regression(fake, batch["target"])
+        return loss, {"loss/generator": loss.detach(), "mse_to_teacher": gap}
+
+    # -- what a finished phase is ----------------------------------------------------------------------------
+    def facts(self, phase: Phase) -> PhaseFacts:
+        student = self.modules["student"]
+        return PhaseFacts(phase.stage, phase.kind, getattr(student, "prediction"), phase.options.student_steps)
+
+    def phase_model(self, facts: PhaseFacts | None, artifact: dict[str, Tensor] | None) -> PhaseModel:
+        """The teacher network with the phase's student weights (or, with no facts, the base teacher)."""
+        teacher = self.config.teacher.build(seed=self.seed)
+        prediction = teacher.prediction
+        if facts is not None and artifact is not None:
+            teacher.denoiser.load_state_dict(strip_prefix(artifact, "student.net."))
+            prediction = facts.prediction
+        else:
+            facts = PhaseFacts("teacher", "base", prediction)
+        exclude = {tuple(p.options.adapter.config.exclude) for p in self.phases if p.options.adapter.name == "lora"}
+
+        def base_network() -> nn.Module:  # rounded through the teacher's dtype, as the student's start was
+            return self.config.teacher.build(seed=self.seed).denoiser.network.float()
+
+        return PhaseModel(
+            facts=PhaseFacts(facts.stage, facts.kind, prediction, facts.steps),
+            denoiser=teacher.denoiser,
+            schedule=teacher.schedule,
+            latent_channels=teacher.denoiser.in_channels,
+            network=teacher.denoiser.network,
+            scheduler=(lambda: teacher.sampling_scheduler(prediction)) if teacher.source is not None else None,
+            base=teacher.source.pretrained if teacher.source is not None else None,
+            base_network=base_network,
+            lora_exclude=list(next(iter(exclude))) if len(exclude) == 1 else None,
+        )
+
+    def _current_model(self) -> PhaseModel:
+        """The student being trained, as a phase model. It is called through its root module (FSDP2's hooks live
+        there), and its ``(x0, ε)`` turned back into its raw prediction for the sampler."""
+        teacher, student = self.modules["teacher"], self.modules["student"]
+        schedule = teacher.schedule
+
+        def denoiser(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+            return schedule.target(*student(x, t, cond), t, student.prediction)
+
+        facts = PhaseFacts(self.phase.stage, self.phase.kind, student.prediction, self.phase.options.student_steps)
+        return PhaseModel(facts, denoiser, schedule, teacher.denoiser.in_channels)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> Tensor:
+        """The student's samples in ``student_steps`` steps from fixed noise, through the one sampler (first three
+        latent channels, or decoded pixels when the codec has a VAE)."""
+        latents = batch_latents(batch, self.codec)
+        n = min(self.config.preview_size, latents.shape[0])
+        cond = {k: v[:n] for k, v in batch_conditioning(batch, self.codec).items()}
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        noise = torch.randn(latents[:n].shape, generator=g).to(latents)
+        return to_unit(self.codec.decode(self._current_model().sample(noise, cond)))

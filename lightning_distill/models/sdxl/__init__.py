@@ -1,0 +1,1 @@
+"""The SDXL family (any diffusers ``UNet2DConditionModel``): teacher, denoiser and discriminator backbone."""

@@ -1,0 +1,217 @@
+"""SDXL through diffusers and transformers: the UNet as teacher and discriminator backbone, VAE and both CLIP text
+encoders as the codec. Everything loads with ``from_pretrained`` from a local folder or a hub id laid out like
+``stabilityai/stable-diffusion-xl-base-1.0`` (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``,
+``tokenizer/``, ``tokenizer_2/``, ``scheduler/``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_distill.models.noise import NoiseScheduleConfig
+from lightning_distill.errors import UserError
+from lightning_distill.config.registry import BACKBONES, TEACHERS
+from lightning_distill.models.teacher import PretrainedSource, SamplerTeacher
+from lightning_distill.utils.pretrained import load_pretrained
+from lightning_distill.utils.tensors import DTYPES, Dtype
+
+def scheduler_schedule(pretrained: str, subfolder: str = "scheduler") -> tuple[NoiseScheduleConfig, str] | None:
+    """The noise schedule and prediction type in a pipeline's scheduler config (local folder or hub id), if any."""
+    from diffusers import DDPMScheduler
+
+    try:
+        c = DDPMScheduler.load_config(pretrained, subfolder=subfolder)
+    except (OSError, ValueError):
+        return None
+    if c.get("rescale_betas_zero_snr") or c.get("trained_betas") is not None:
+        raise UserError(
+            f"{pretrained}/{subfolder}: rescale_betas_zero_snr and trained_betas are not supported; "
+            "set method.teacher.noise_schedule explicitly"
+        )
+    return (
+        NoiseScheduleConfig(
+            num_train_timesteps=c.get("num_train_timesteps", 1000),
+            beta_start=c.get("beta_start", 0.00085),
+            beta_end=c.get("beta_end", 0.012),
+            beta_schedule=c.get("beta_schedule", "scaled_linear"),
+        ),
+        c.get("prediction_type", "epsilon"),
+    )
+
+
+class UNetDenoiser(nn.Module):
+    """``denoiser(x, t, cond)`` over a diffusers ``UNet2DConditionModel``.
+
+    ``cond`` holds ``text`` (``encoder_hidden_states``) and, for SDXL, ``pooled`` (``text_embeds``) and
+    ``time_ids`` (original size, crop top-left, target size).
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        added = None
+        if getattr(self.unet.config, "addition_embed_type", None) == "text_time":
+            added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+        dtype = self.unet.dtype
+        out = self.unet(
+            x.to(dtype), t, encoder_hidden_states=cond["text"].to(dtype), added_cond_kwargs=added, return_dict=False
+        )[0]
+        return out.to(x.dtype)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def network(self) -> nn.Module:
+        """The diffusers network, as ``export`` saves it."""
+        return self.unet
+
+    def fsdp_units(self) -> list[nn.Module]:
+        u = self.unet
+        return [*u.down_blocks, u.mid_block, *u.up_blocks]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+
+@TEACHERS.register("sdxl")
+class SDXLTeacher(SamplerTeacher):
+    """A frozen diffusers UNet (SDXL or any ``UNet2DConditionModel``) with the DDIM/Euler sampler and CFG.
+
+    The noise schedule and prediction type come from the folder's ``scheduler/`` config when it has one.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        pretrained: str
+        """Local pipeline folder or hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0."""
+        subfolder: str = "unet"
+        variant: str | None = None
+        """e.g. fp16, for ``diffusion_pytorch_model.fp16.safetensors``."""
+        dtype: Dtype = "float32"
+        """Weights of the frozen teacher (bfloat16 halves its memory)."""
+        prediction: Literal["epsilon", "sample", "v_prediction"] | None = None
+        """None: the scheduler config's prediction_type (epsilon for SDXL)."""
+        noise_schedule: NoiseScheduleConfig | None = None
+        """None: the scheduler config's betas, else SDXL's."""
+
+    def __init__(self, config: Config, *, seed: int = 0, empty: bool = False) -> None:
+        from diffusers import UNet2DConditionModel
+
+        if empty:  # the architecture alone, on the meta device (the caller's context): no weights read
+            unet_config = UNet2DConditionModel.load_config(config.pretrained, subfolder=config.subfolder)
+            unet = UNet2DConditionModel.from_config(unet_config).to(DTYPES[config.dtype])
+        else:
+            unet = load_pretrained(
+                UNet2DConditionModel, config.pretrained, config.subfolder, variant=config.variant,
+                torch_dtype=DTYPES[config.dtype],
+            )
+        found = scheduler_schedule(config.pretrained)
+        schedule = config.noise_schedule or (found[0] if found else NoiseScheduleConfig())
+        prediction = config.prediction or (found[1] if found else "epsilon")
+        super().__init__(UNetDenoiser(unet), prediction=prediction, noise_schedule=schedule)
+        self.source = PretrainedSource(config.pretrained, config.subfolder, config.variant, config.dtype)
+
+    def sampling_scheduler(self, prediction: str) -> Any:
+        """Euler with trailing spacing and the student's prediction type, on the folder's schedule (SDXL's when
+        the folder has no ``scheduler/``): how the Lightning models sample."""
+        from diffusers import EulerDiscreteScheduler
+
+        folder = Path(self.source.pretrained).expanduser() / "scheduler"
+        base = EulerDiscreteScheduler.from_pretrained(str(folder)) if folder.is_dir() else EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        )
+        return lightning_scheduler(base.config, prediction)
+
+
+def lightning_scheduler(config: Any, prediction: str) -> Any:
+    """Euler on the discrete schedule with trailing spacing and a last sigma of zero, whatever the base config
+    says otherwise: the sampling our ``sample_latents`` reproduces."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(
+        config, timestep_spacing="trailing", prediction_type=prediction, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero",
+        rescale_betas_zero_snr=False, interpolation_type="linear",
+    )
+
+
+@TEACHERS.register("unet")
+class UNetTeacher(SDXLTeacher):
+    """Any diffusers ``UNet2DConditionModel`` folder (``unet/`` and ``scheduler/``), e.g. the tiny world's teacher;
+    the same loading code and sampler as ``sdxl``."""
+
+
+@BACKBONES.register("unet_encoder")
+class UNetEncoder(nn.Module):
+    """A trainable copy of the teacher UNet's conv_in, time and added embeddings, down blocks and mid block.
+
+    ``forward(x, t, cond)`` returns the mid block's features (``block_out_channels[-1]`` channels at 1/2^(levels-1)
+    of the latent size), text- and time-conditioned exactly as in the UNet.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        dtype: Dtype = "float32"
+        gradient_checkpointing: bool = False
+        """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
+
+    def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
+        super().__init__()
+        self.checkpointing = config.gradient_checkpointing
+        denoiser = teacher.denoiser
+        if not isinstance(denoiser, UNetDenoiser):
+            raise UserError(f"backbone 'unet_encoder' needs a diffusers UNet teacher, got {type(denoiser).__name__}")
+        unet = denoiser.unet
+        self.unet_config = unet.config
+        for name in ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks", "mid_block"):
+            part = getattr(unet, name, None)
+            setattr(self, name, copy.deepcopy(part) if part is not None else None)
+        self.to(DTYPES[config.dtype]).requires_grad_(True).train()
+        self.out_channels = unet.config.block_out_channels[-1]
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        dtype = self.conv_in.weight.dtype
+        x = x.to(dtype)
+        text = cond["text"].to(dtype)
+        emb = self.time_embedding(self.time_proj(t.expand(x.shape[0])).to(dtype))
+        if self.add_embedding is not None and self.unet_config.addition_embed_type == "text_time":
+            time_embeds = self.add_time_proj(cond["time_ids"].flatten()).reshape(x.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([cond["pooled"], time_embeds], dim=-1).to(dtype))
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = self._run(self._down, block, h, emb, text)
+        return self._run(self._mid, self.mid_block, h, emb, text)
+
+    def _run(self, fn: Any, block: nn.Module, h: Tensor, emb: Tensor, text: Tensor) -> Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, block, h, emb, text, use_reentrant=False)
+        return fn(block, h, emb, text)
+
+    @staticmethod
+    def _down(block: nn.Module, h: Tensor, emb: Tensor, text: Tensor) -> Tensor:
+        if getattr(block, "has_cross_attention", False):
+            return block(hidden_states=h, temb=emb, encoder_hidden_states=text)[0]
+        return block(hidden_states=h, temb=emb)[0]
+
+    @staticmethod
+    def _mid(block: nn.Module, h: Tensor, emb: Tensor, text: Tensor) -> Tensor:
+        if getattr(block, "has_cross_attention", False):
+            return block(h, emb, encoder_hidden_states=text)
+        return block(h, emb)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [*self.down_blocks, self.mid_block]
+
+

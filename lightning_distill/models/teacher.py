@@ -1,0 +1,94 @@
+"""The frozen teacher: a denoiser, its noise schedule, classifier-free guidance and a multi-step DDIM sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_distill.errors import UserError
+from lightning_distill.models.noise import NoiseSchedule, NoiseScheduleConfig, Prediction
+
+
+def null_cond(cond: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The unconditional input for guidance: zero text embeddings (SDXL's ``force_zeros_for_empty_prompt``).
+    Entries that are not text (``time_ids``) are kept."""
+    return {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
+
+
+def guided(denoiser: Any, scale: float) -> Any:
+    """``denoiser`` with classifier-free guidance at ``scale`` (> 1; otherwise ``denoiser`` itself): one batched
+    call on the null and the real conditioning, ``out_u + scale (out_c - out_u)``."""
+    if scale <= 1.0:
+        return denoiser
+
+    def run(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        both = {k: torch.cat([null_cond({k: v})[k], v]) for k, v in cond.items()}
+        out_u, out_c = denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return out_u + scale * (out_c - out_u)
+
+    return run
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Where a teacher's network was loaded from (what an export of its students builds on)."""
+
+    pretrained: str
+    subfolder: str
+    variant: str | None = None
+    dtype: str = "float32"
+
+
+class SamplerTeacher(nn.Module):
+    """Frozen ``denoiser(x, t, cond) -> prediction`` with a DDIM/Euler sampler over given timesteps.
+
+    Calling the teacher samples (``forward`` is the sampler), so strategies that hook ``forward`` (FSDP2) see
+    the whole multi-step solve as one call.
+
+    Args:
+        denoiser: the network; it is frozen here (``requires_grad_(False)``, eval mode).
+        prediction: what the network predicts: epsilon, sample or v_prediction.
+        noise_schedule: the training schedule of the network.
+    """
+
+    def __init__(self, denoiser: nn.Module, *, prediction: str, noise_schedule: NoiseScheduleConfig) -> None:
+        super().__init__()
+        self.denoiser = denoiser.requires_grad_(False).eval()
+        self.prediction: Prediction = prediction  # type: ignore[assignment]
+        self.schedule = NoiseSchedule(noise_schedule)
+
+    source: PretrainedSource | None = None
+    """The diffusers folder or hub id the network came from; None: built by code (no export format)."""
+
+    def sampling_scheduler(self, prediction: str) -> Any:
+        """The diffusers scheduler that samples this network's students (export writes its config)."""
+        raise UserError(f"{type(self).__name__} has no diffusers scheduler; export needs a diffusers teacher (sdxl, unet)")
+
+    def train(self, mode: bool = True) -> SamplerTeacher:
+        return super().train(False)  # frozen: dropout and norms stay in eval mode
+
+    def fsdp_units(self) -> list[nn.Module]:
+        units = getattr(self.denoiser, "fsdp_units", None)
+        return units() if units else []
+
+    def predict(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float = 0.0) -> tuple[Tensor, Tensor]:
+        """``(x0, ε)`` at ``t``, with classifier-free guidance when ``guidance > 1``."""
+        out = guided(self.denoiser, guidance)(x, t, cond)
+        return self.schedule.split(out.to(x.dtype), x, t, self.prediction)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance: float = 0.0) -> Tensor:
+        """Solve from ``timesteps[:, 0]`` to ``timesteps[:, -1]`` through each column (``-1``: clean).
+
+        Args:
+            x: ``[B, C, H, W]`` at ``timesteps[:, 0]``.
+            timesteps: ``[B, n + 1]`` integer timesteps, decreasing along each row.
+        """
+        with torch.inference_mode(not torch.compiler.is_compiling()):  # compiled code: no_grad alone
+            for i in range(timesteps.shape[1] - 1):
+                x0, eps = self.predict(x, timesteps[:, i], cond, guidance)
+                x = self.schedule.step(x0, eps, timesteps[:, i + 1])
+        return x.clone()  # outside inference mode: a normal tensor, usable as a target in autograd

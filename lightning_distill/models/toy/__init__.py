@@ -1,0 +1,1 @@
+"""A toy convolutional denoiser family for tests and the debug recipe."""

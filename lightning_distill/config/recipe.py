@@ -120,6 +120,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str,
         tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except (yaml.YAMLError, OmegaConfBaseException) as err:
         raise RecipeError(f"not valid YAML: {err}", source=str(path)) from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"not a text file (a recipe is UTF-8 YAML): {err.reason} at byte {err.start}",
+                          source=str(path)) from err
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):

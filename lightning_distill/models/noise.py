@@ -106,10 +106,6 @@ class NoiseSchedule:
         a = _bcast(self.alpha_bar(t), like)
         return a.sqrt().to(like.dtype), (1 - a).sqrt().to(like.dtype)
 
-    def sigma(self, t: Tensor) -> Tensor:
-        a = self.alpha_bar(t)
-        return ((1 - a) / a).sqrt()
-
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     v = torch.as_tensor(v, device=like.device)

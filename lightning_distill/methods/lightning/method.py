@@ -20,7 +20,7 @@ from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseF
 from lightning_distill.methods.lightning.ladder import LadderOptions
 from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
-from lightning_distill.config.registry import METHODS
+from lightning_distill.config.registry import LOSSES, METHODS
 from lightning_distill.codecs.base import batch_conditioning, batch_latents
 
 def teacher_paths(index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000) -> Tensor:
@@ -64,14 +64,19 @@ class ProgressiveDistillation(Method):
         self.seed = seed
         self.regression = config.regression_loss.build()
         self.adversarial = config.adversarial_loss.build()
-        if not getattr(self.adversarial, "adversarial", False):
-            raise UserError(f"method.adversarial_loss: {config.adversarial_loss.name!r} is not an adversarial loss")
 
     @staticmethod
     def check(config: Config, phases: list[Phase]) -> None:
         """Cross-checks of the recipe, before anything loads."""
         if config.discriminator is None and any(p.kind == "adversarial" for p in phases):
             raise UserError("method.discriminator: the schedule has adversarial phases; add a discriminator section")
+        def adversarial(loss: object) -> bool:  # the loss contract: adversarial losses set adversarial = True
+            return bool(getattr(loss, "adversarial", False))
+
+        if not adversarial(LOSSES.get(config.adversarial_loss.name)):
+            names = ", ".join(n for n, loss in LOSSES.items() if adversarial(loss))
+            raise UserError(f"method.adversarial_loss: {config.adversarial_loss.name!r} is not an adversarial loss; "
+                            f"choose one of {names}")
 
     # -- phases -------------------------------------------------------------------------------------------
     def _last_phase_of(self, stage: str) -> Phase:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from support import ROOT, run_cli
 from lightning_distill import UserError
 from lightning_distill.config.registry import REGISTRIES
 
@@ -148,7 +148,7 @@ def test_cache_round_trip_gives_the_same_loss_as_images(tiny_sdxl, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lightning_distill.config.recipe import load_recipe
-    from test_sdxl import fast_overrides
+    from support import fast_overrides
 
     recipe = ROOT / "recipes" / "sdxl_lightning" / "lora.yaml"
     # batch size 1 for caching and training alike: the VAE then sees the very same inputs in both runs (convolutions

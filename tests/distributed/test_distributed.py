@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from conftest import DEBUG_RECIPE, HELPERS, ROOT
-from test_train import KILLABLE, _assert_same, _final_weights
+from support import DEBUG_RECIPE, HELPERS, ROOT
+from support import KILLABLE, assert_same_weights, final_weights
 
 FSDP2 = ["fabric.devices=2", "fabric.strategy=fsdp2"]
 
@@ -33,7 +33,7 @@ def test_fsdp2_sigkill_and_resume_matches_an_uninterrupted_run(cli, tmp_path):
     assert (killed / "checkpoints" / "step-00000008" / "state-discriminator").is_dir()  # sharded checkpoint
     second = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *FSDP2, *KILLABLE)
     assert second.returncode == 0, second.stderr[-3000:]
-    _assert_same(_final_weights(whole), _final_weights(killed))
+    assert_same_weights(final_weights(whole), final_weights(killed))
 
 
 def test_ddp_two_processes_each_draw_their_own_noise(cli, tmp_path):
@@ -63,4 +63,4 @@ def test_fsdp2_teacher_offload_and_meta_init_change_no_number(cli, tmp_path):
         out = tmp_path / flag
         result = cli("train", str(DEBUG_RECIPE), "--out", str(out), *FSDP2, *short, f"fabric.{flag}=true")
         assert result.returncode == 0, result.stderr[-3000:]
-        _assert_same(_final_weights(plain), _final_weights(out))
+        assert_same_weights(final_weights(plain), final_weights(out))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ROOT
+from support import ROOT, fast_overrides
 from lightning_distill import UserError
 from lightning_distill.config.registry import REGISTRIES
 
@@ -167,24 +167,6 @@ def test_lora_follows_the_lcm_lora_rule_and_merges_like_peft(teacher):
         assert torch.allclose(merged[k], reference[k], atol=1e-6), k
         changed += not torch.equal(merged[k], plain[k])
     assert changed >= len(targets)
-
-
-def fast_overrides(loaded, tiny_sdxl, lr=None, steps=1):
-    """The SDXL recipe's structure, sized for a CPU: tiny models, one step per phase, small heads and ranks."""
-    args = [f"codec.pretrained={tiny_sdxl['pipeline']}", f"method.teacher.pretrained={tiny_sdxl['pipeline']}",
-            f"data.root={tiny_sdxl['images']}", "data.resolution=16", "fabric.accelerator=cpu", "fabric.devices=1",
-            "fabric.strategy=auto", "fabric.precision=32-true", "train.batch_size=2", "train.preview_every=0",
-            "method.teacher.dtype=float32", "method.student.gradient_checkpointing=false",
-            "method.discriminator.head.channels=32", "method.discriminator.head.blocks=1", "train.checkpoint_every=1000",
-            "method.preview_size=2"]
-    for i, stage in enumerate(loaded["schedule"]["stages"]):
-        for j, phase in enumerate(stage["phases"]):
-            args.append(f"schedule.stages.{i}.phases.{j}.steps={steps}")
-            if lr is not None:
-                args.append(f"schedule.stages.{i}.phases.{j}.lr={lr}")
-            if phase["adapter"]["name"] == "lora":
-                args.append(f"schedule.stages.{i}.phases.{j}.adapter.rank=4")
-    return args
 
 
 @pytest.mark.parametrize("variant", ["full", "lora"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DEBUG_RECIPE, tree_snapshot
+from support import DEBUG_RECIPE, tree_snapshot
 from lightning_distill.cli import main
 
 GOOD = DEBUG_RECIPE.read_text()
@@ -12,7 +12,7 @@ GOOD = DEBUG_RECIPE.read_text()
 
 def _write(tmp_path, name, text):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     return str(path)
 
 
@@ -52,6 +52,10 @@ CASES = {
                              ["renoise_timesteps must lie in [0, 1000)"]),
     "offload without fsdp2": (lambda p: [str(DEBUG_RECIPE), "fabric.offload_frozen=true"],
                               ["fabric.offload_frozen", "needs strategy: fsdp2"]),
+    "regression loss as the adversarial loss": (lambda p: [str(DEBUG_RECIPE), "method.adversarial_loss.name=mse"],
+                                                ["method.adversarial_loss", "'mse' is not an adversarial loss", "ns_gan"]),
+    "recipe file of random bytes": (lambda p: [_write(p, "r.yaml", bytes(range(128, 256)) * 4)],
+                                    ["r.yaml", "not a text file"]),
     "adversarial without discriminator": (lambda p: [str(DEBUG_RECIPE), "method.discriminator=null"],
                                           ["method.discriminator", "adversarial phases"]),
     "error in a list a child replaced": (

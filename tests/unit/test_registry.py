@@ -92,7 +92,7 @@ def test_recipe_imports_register_unpackaged_components(tmp_path, monkeypatch):
         "    def __call__(self, pred, target): return self.config.scale * F.l1_loss(pred, target)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    from conftest import DEBUG_RECIPE
+    from support import DEBUG_RECIPE
 
     from lightning_distill.config.recipe import load_recipe
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
-from test_sdxl import fast_overrides
+from support import ROOT, run_cli
+from support import fast_overrides
 
 SEED, PROMPTS = 3, ["a red cat", "a small blue square on the left"]
 
@@ -129,3 +129,31 @@ def test_export_never_replaces_the_run_or_a_foreign_folder(lora_run, tmp_path):
     assert result.returncode == 2 and "positive" in result.stderr
     result = run_cli("sample", str(lora_run), "--prompt", "a cat", "--size", "12", "--out", str(tmp_path / "g.png"))
     assert result.returncode == 2 and "multiple of 8" in result.stderr
+
+
+def test_export_reads_the_facts_recorded_with_the_phase(lora_run, tmp_path):
+    """Steps and prediction type come from the artifact's metadata, as the method recorded them, not re-derived."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lightning_distill.engine.runfolder import RunFolder
+
+    folder = RunFolder(lora_run)
+    phase = folder.pick()
+    with safe_open(str(folder.artifact_path(phase)), "pt") as f:
+        recorded = f.metadata()
+    assert recorded == {"stage": phase.stage, "kind": phase.kind, "prediction": "epsilon",
+                        "steps": str(phase.options.student_steps)}
+    # a copy of the run whose last artifact records another parameterisation: export follows the record
+    copy = tmp_path / "run"
+    shutil.copytree(lora_run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    path = RunFolder(copy).artifact_path(phase)
+    save_file(load_file(str(path)), str(path), metadata={**recorded, "prediction": "v_prediction"})
+    result = run_cli("export", str(copy), "--format", "diffusers", "--out", str(tmp_path / "export"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((tmp_path / "export" / "lightning_distill.json").read_text())
+    assert meta["prediction"] == "v_prediction" and meta["steps"] == phase.options.student_steps
+    scheduler = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["timestep_spacing"] == "trailing"

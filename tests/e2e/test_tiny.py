@@ -4,19 +4,18 @@ branches and a short run of the main job."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
+from lightning_distill.config.recipe import load_recipe
 from lightning_distill.eval.metrics import Adherence, coverage, frechet_distance
 from lightning_distill.worlds.shapes.features import ShapesFeatures
 from lightning_distill.worlds.shapes.world import Shapes
-from lightning_distill.config.recipe import load_recipe
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
 
 

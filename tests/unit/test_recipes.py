@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from lightning_distill.config.recipe import dump_recipe, load_recipe
 
 ALL = sorted((ROOT / "recipes").rglob("*.yaml"))

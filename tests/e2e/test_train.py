@@ -9,25 +9,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import DEBUG_RECIPE, HELPERS, ROOT
-
-# Resumable runs use the test's kill callback (off unless $LD_KILL_AT_STEP is set), so both runs share a recipe.
-KILLABLE = ["imports=[killer]", "callbacks=[{name: kill_at_env}, {name: tensorboard}]", "train.checkpoint_every=4"]
-
-
-def _final_weights(out):
-    return {p.name: load_file(str(p)) for p in sorted((out / "phases").glob("*.safetensors"))}
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert a[name].keys() == b[name].keys()
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), f"{name}:{k} differs"
-
+from support import DEBUG_RECIPE, HELPERS, KILLABLE, ROOT, assert_same_weights, final_weights
 
 def test_debug_recipe_trains_and_logs_to_tensorboard(cli, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -77,7 +60,7 @@ def test_sigkill_and_rerun_ends_bit_identical_to_an_uninterrupted_run(cli, tmp_p
     assert (killed / "checkpoints" / "step-00000008").is_dir()
     third = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *KILLABLE)
     assert third.returncode == 0, third.stderr
-    _assert_same(_final_weights(whole), _final_weights(killed))
+    assert_same_weights(final_weights(whole), final_weights(killed))
 
 
 KILL_DURING_SAVE = r"""
@@ -148,7 +131,7 @@ def test_fsdp2_bf16_accumulating_run_resumes_bit_identical(cli, tmp_path):
     for kill_at in ("5", "11"):
         assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts, env={"LD_KILL_AT_STEP": kill_at}).returncode
     assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts).returncode == 0
-    _assert_same(_final_weights(whole), _final_weights(killed))
+    assert_same_weights(final_weights(whole), final_weights(killed))
 
 
 @pytest.mark.slow
@@ -159,9 +142,54 @@ def test_compiled_run_matches_the_eager_one(cli, tmp_path):
     assert cli("train", str(DEBUG_RECIPE), "--out", str(eager), *short).returncode == 0
     result = cli("train", str(DEBUG_RECIPE), "--out", str(compiled), *short, "train.compile=true", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = _final_weights(eager), _final_weights(compiled)
+    a, b = final_weights(eager), final_weights(compiled)
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].keys() == b[name].keys()
         for k in a[name]:
             assert torch.allclose(a[name][k], b[name][k], atol=1e-4), (name, k)
+
+
+HASH_CODEC = '''
+import torch
+from lightning_distill import CODECS
+from lightning_distill.codecs.base import Codec
+
+
+@CODECS.register("hash_text")
+class HashText(Codec):
+    """Identity on latents; a caption's embedding is drawn from a generator seeded by its characters."""
+
+    has_text = True
+
+    def encode(self, pixels):
+        return pixels
+
+    def decode(self, latents):
+        return latents
+
+    def encode_text(self, captions, time_ids=None):
+        texts = [torch.randn(4, 16, generator=torch.Generator().manual_seed(sum(map(ord, c)))) for c in captions]
+        text = torch.stack(texts)
+        return {"text": text, "pooled": text.mean(1)}
+'''
+
+
+def test_a_toy_teacher_with_a_text_codec_samples_from_prompts(cli, tmp_path):
+    (tmp_path / "hash_codec.py").write_text(HASH_CODEC)
+    out = tmp_path / "run"
+    env = {"PYTHONPATH": str(tmp_path)}
+    done = cli("train", str(DEBUG_RECIPE), "--out", str(out), "imports=[hash_codec]", "codec={name: hash_text}",
+               "schedule.stages.0.phases.0.steps=2", "schedule.stages.1.phases.0.steps=1",
+               "schedule.stages.1.phases.1.steps=1", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grid = tmp_path / "grid.png"
+    done = cli("sample", str(out), "--prompt", "a red circle", "--prompt", "a blue square", "--size", "8",
+               "--out", str(grid), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(grid) as im:
+        assert im.size == (2 * 9 + 1, 10)  # two 8-px samples of the 4-step student, 1-px borders
+    done = cli("export", str(out), "--out", str(tmp_path / "export"), env=env)
+    assert done.returncode == 2 and "diffusers format" in done.stderr  # toy networks have none: a clear refusal

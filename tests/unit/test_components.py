@@ -7,7 +7,7 @@ import torch
 from lightning.fabric import Fabric
 from torch.utils.data import default_collate
 
-from conftest import DEBUG_RECIPE
+from support import DEBUG_RECIPE
 from lightning_distill.engine.artifacts import Artifacts
 from lightning_distill.engine.phase import module_views, optimizer_step, setup_phase
 from lightning_distill.config.recipe import load_recipe

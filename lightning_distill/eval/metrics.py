@@ -105,6 +105,27 @@ class PatchFD(Metric):
         return frechet_distance(_subsample(samples.patch, n), _subsample(real.patch, n))
 
 
+@METRICS.register("fd_teacher")
+class TeacherFD(Metric):
+    """Fréchet distance of whole-image features against the teacher's samples (FID-T): how close a student's
+    distribution is to its teacher's, whatever the teacher's own distance to real images."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        if teacher is None:
+            raise UserError("metric fd_teacher needs the teacher's samples")
+        return frechet_distance(samples.whole, teacher.whole)
+
+
+@METRICS.register("fd_patch_teacher")
+class TeacherPatchFD(PatchFD):
+    """Fréchet distance of patch features against the teacher's samples (Patch-FID-T)."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        if teacher is None:
+            raise UserError("metric fd_patch_teacher needs the teacher's samples")
+        return super().__call__(samples, teacher)
+
+
 @METRICS.register("adherence")
 class Adherence(Metric):
     """Fraction of the prompts' attributes (colour, kind, position, size) that the classifier finds."""

@@ -22,7 +22,10 @@ class OptimizerSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     every: int = 1
-    """This optimizer steps on iterations where ``(step - phase.start) % every == 0``."""
+    """This optimizer steps on iterations where ``(step - phase.start - after) % every == 0``."""
+    after: int = 0
+    """It steps only from the ``after``-th iteration of its phase on (a discriminator warm-up holds the student
+    back while the discriminator learns)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class Phase:
         """Names of the optimizers that step at global ``step`` (which must lie in this phase)."""
         if not self.start <= step < self.end:
             raise ValueError(f"step {step} is outside phase {self.name} [{self.start}, {self.end})")
-        return [n for n, s in self.optimizers.items() if (step - self.start) % s.every == 0]
+        i = step - self.start
+        return [n for n, s in self.optimizers.items() if i >= s.after and (i - s.after) % s.every == 0]
 
 
 def chain_phases(specs: list[tuple[str, str, str, int, dict[str, OptimizerSettings], Any]]) -> list[Phase]:

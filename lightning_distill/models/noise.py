@@ -107,6 +107,20 @@ class NoiseSchedule:
         return a.sqrt().to(like.dtype), (1 - a).sqrt().to(like.dtype)
 
 
+def snr_matched_timesteps(timesteps: list[int], reference: NoiseSchedule, target: NoiseSchedule) -> list[int]:
+    """For each of ``reference``'s ``timesteps``, the timestep of ``target`` with the nearest log signal-to-noise
+    ratio ``log(ᾱ / (1 - ᾱ))``: the same noise level on another schedule (e.g. SDXL's re-noise levels, chosen for
+    its scaled-linear betas, on a linear-beta schedule)."""
+
+    def log_snr(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+        a = schedule.alpha_bar(t)
+        return (a / (1 - a)).log()
+
+    grid = log_snr(target, torch.arange(target.T))
+    wanted = log_snr(reference, torch.tensor(timesteps))
+    return [int((grid - w).abs().argmin()) for w in wanted]
+
+
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     v = torch.as_tensor(v, device=like.device)
     if v.ndim == 0:

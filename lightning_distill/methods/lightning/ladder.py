@@ -53,7 +53,13 @@ class PhaseConfig:
     discriminator_betas: tuple[float, float] | None = None
     """Defaults to ``betas``."""
     discriminator_every: PositiveInt = 1
-    """The discriminator steps every this many iterations (the student every iteration)."""
+    """The discriminator steps every this many iterations."""
+    student_every: PositiveInt = 1
+    """adversarial: the student steps every this many iterations, so the discriminator takes several steps per
+    student step (with ``discriminator_every: 1``)."""
+    discriminator_warmup: Annotated[int, Min(0)] = 0
+    """adversarial: iterations at the phase start in which only the discriminator trains, so that the student
+    follows a discriminator that already tells teacher from student."""
     conditional: bool = True
     """adversarial: the discriminator also sees x_t (conditional) or only x_{t-ns} (unconditional)."""
     guidance: float = 0.0
@@ -152,7 +158,14 @@ class Ladder:
                     suffix += f"-{adapter.name}"
                 student = OptimizerSettings(p.lr, p.betas, p.weight_decay)
                 optimizers = {"student": student}
+                if p.kind != "adversarial" and (p.discriminator_warmup or p.student_every > 1):
+                    raise UserError(f"{where}: discriminator_warmup and student_every apply to adversarial phases only")
                 if p.kind == "adversarial":
+                    if p.discriminator_warmup >= round(p.steps * self.config.steps_scale) and p.discriminator_warmup:
+                        raise UserError(f"{where}: discriminator_warmup ({p.discriminator_warmup}) leaves the "
+                                        f"student no step of the phase's {p.steps}")
+                    student = OptimizerSettings(p.lr, p.betas, p.weight_decay, every=p.student_every,
+                                                after=p.discriminator_warmup)
                     disc = OptimizerSettings(
                         p.discriminator_lr if p.discriminator_lr is not None else p.lr,
                         p.discriminator_betas or p.betas,

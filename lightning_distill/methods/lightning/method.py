@@ -9,6 +9,7 @@ takes several. A phase regresses the teacher's result (``mse``), plays a GAN aga
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from lightning_distill.config.fields import component
 from lightning_distill.errors import UserError
 from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseFacts, PhaseModel
 from lightning_distill.methods.lightning.ladder import LadderOptions
+from lightning_distill.models.noise import NoiseSchedule, NoiseScheduleConfig, snr_matched_timesteps
 from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
 from lightning_distill.config.registry import LOSSES, METHODS
@@ -56,6 +58,14 @@ class ProgressiveDistillation(Method):
         """Train on pure noise at t = T (SDXL's schedule never reaches it; sampling starts there)."""
         preview_size: int = 4
         """Samples in each preview grid."""
+        keep_discriminator: bool = True
+        """The discriminator carries over between the adversarial phases of a stage (its backbone always, its head
+        when the conditioning stays the same) and is re-initialised at each stage, as in the paper. False: a
+        fresh discriminator in every phase."""
+        timestep_reference: Literal["teacher", "sdxl"] = "teacher"
+        """What the recipe's ``renoise_timesteps`` mean. teacher: timesteps of the teacher's own schedule. sdxl:
+        SDXL's timesteps (scaled-linear betas), mapped to the teacher's timesteps of the same signal-to-noise
+        ratio, so that the paper's values mean the same noise level on any schedule."""
 
     def __init__(self, config: Config, *, phases: list[Phase], codec: nn.Module, seed: int = 0) -> None:
         self.config = config
@@ -112,14 +122,40 @@ class ProgressiveDistillation(Method):
         self.adapter = adapter
         modules: dict[str, nn.Module] = {"teacher": teacher, "student": student}
         if phase.kind == "adversarial":
-            # Re-initialised at every phase: the paper re-initialises the discriminator at each stage, and the
-            # conditional and unconditional heads differ in shape anyway.
-            modules["discriminator"] = c.discriminator.build(teacher=teacher, conditional=phase.options.conditional)
+            disc = c.discriminator.build(teacher=teacher, conditional=phase.options.conditional)
+            kept = self._kept_discriminator(phase)
+            if kept is not None and not empty:  # the stage's discriminator so far (a new head if conditioning changed)
+                state = strip_prefix(artifacts(kept.index), "discriminator.")
+                if kept.options.conditional != phase.options.conditional:
+                    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+                disc.load_state_dict(state, strict=False)
+            modules["discriminator"] = disc
         return modules
 
+    def _kept_discriminator(self, phase: Phase) -> Phase | None:
+        """The adversarial phase of the same stage, just before ``phase``, whose discriminator carries over."""
+        if not self.config.keep_discriminator:
+            return None
+        earlier = [p for p in self.phases if p.stage == phase.stage and p.end <= phase.start]
+        return earlier[-1] if earlier and earlier[-1].kind == "adversarial" else None
+
+    def _renoise_levels(self) -> tuple[int, ...]:
+        """The phase's re-noise timesteps on the teacher's schedule (mapped by SNR from SDXL's, if so set)."""
+        levels = self.phase.options.renoise_timesteps
+        if self.config.timestep_reference == "sdxl" and levels:
+            schedule = self.modules["teacher"].schedule
+            return tuple(snr_matched_timesteps(list(levels), NoiseSchedule(NoiseScheduleConfig()), schedule))
+        return tuple(levels)
+
     def artifact(self) -> dict[str, dict[str, Tensor]]:
-        """The student with its adapter merged: plain weights the next phase and stage load."""
-        return {"student": self.adapter.merge_state(full_state_dict(self.modules["student"]))}
+        """The student with its adapter merged: plain weights the next phase and stage load; and the
+        discriminator, when a later phase of the stage keeps it."""
+        out = {"student": self.adapter.merge_state(full_state_dict(self.modules["student"]))}
+        later = [p for p in self.phases if p.start == self.phase.end]
+        kept = self._kept_discriminator(later[0]) if later else None
+        if "discriminator" in self.modules and kept is not None and kept.index == self.phase.index:
+            out["discriminator"] = full_state_dict(self.modules["discriminator"])
+        return out
 
     # -- steps --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -158,7 +194,7 @@ class ProgressiveDistillation(Method):
         w0, w1 = torch.tensor(o.renoise_weights, device="cpu"), torch.tensor(o.renoise_weights_end, device="cpu")
         weights = (1 - progress) * w0 + progress * w1
         pick = torch.multinomial(weights.double(), like.shape[0], replacement=True).to(like.device)  # on the CPU
-        t_star = torch.tensor(o.renoise_timesteps, device=like.device)[pick]
+        t_star = torch.tensor(self._renoise_levels(), device=like.device)[pick]
         return {"t_disc": torch.where(t_prev < 0, t_star, t_prev), "renoise": t_prev < 0, "d_noise": torch.randn_like(like)}
 
     def _student_step(self, b: dict) -> Tensor:
@@ -190,6 +226,8 @@ class ProgressiveDistillation(Method):
                 "loss/discriminator": loss.detach(),
                 "d/p_real": torch.sigmoid(real_logits.detach().float()).mean(),
                 "d/p_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+                # how often D tells them apart: 0.5 is a discriminator at chance (a dead one), 1 a perfect one
+                "d/accuracy": ((real_logits.detach() > 0).float().mean() + (fake_logits.detach() < 0).float().mean()) / 2,
             }
         fake = self._student_step(batch)
         loss = self.adversarial.generator_loss(self._discriminate(fake, batch))

@@ -39,6 +39,9 @@ class TeacherRows:
     """Rows for the teacher, one per step count."""
     guidance: float = 3.0
     """Classifier-free guidance of the teacher's samples (students sample without)."""
+    unguided: bool = False
+    """Also rows of the teacher without guidance (model ``teacher-unguided``), at the same step counts: guidance
+    moves the teacher away from real images, so students can look better than the guided teacher on fd."""
 
 
 @dataclass(kw_only=True)
@@ -89,6 +92,7 @@ def evaluate_run(
     real = to_unit(batch["pixels"])
     prompts: list[str] = list(batch["caption"])
     attributes = batch.get("attributes")
+    mentioned = batch.get("mentioned")
 
     codec = recipe.codec.build().to(device)
     cond = prompt_conditioning(codec, prompts, *real.shape[-2:], device)
@@ -104,26 +108,28 @@ def evaluate_run(
             out.append(to_unit(codec.decode(x)))
         return torch.cat(out)
 
-    rows: list[tuple[str, int, Tensor, float]] = []
+    rows: list[tuple[str, int, float, Tensor, float]] = []  # model, steps, guidance, images, seconds
     teacher = method.phase_model(None, None)
-    for steps in config.teacher.steps:
-        start = time.perf_counter()
-        images = sample(teacher, steps, config.teacher.guidance)
-        rows.append(("teacher", steps, images, time.perf_counter() - start))
+    teacher_rows = [("teacher", config.teacher.guidance)] + [("teacher-unguided", 0.0)] * config.teacher.unguided
+    for label, guidance in teacher_rows:
+        for steps in config.teacher.steps:
+            start = time.perf_counter()
+            images = sample(teacher, steps, guidance)
+            rows.append((label, steps, guidance, images, time.perf_counter() - start))
     for row in config.models:
         model = run.phase_model(run.pick(row.stage), method)
         steps = row.steps or model.facts.steps
         start = time.perf_counter()
         images = sample(model, steps)
-        rows.append((row.model, steps, images, time.perf_counter() - start))
+        rows.append((row.model, steps, 0.0, images, time.perf_counter() - start))
 
-    described_real = features.describe(real, attributes)
-    reference = features.describe(rows[0][2], attributes)  # the teacher at its first (most) steps
+    described_real = features.describe(real, attributes, mentioned)
+    reference = features.describe(rows[0][3], attributes, mentioned)  # the teacher at its first (most) steps
     results = []
-    for model, steps, images, seconds in rows:
-        described = features.describe(images, attributes)
+    for model, steps, guidance, images, seconds in rows:
+        described = features.describe(images, attributes, mentioned)
         scores = {name: metric(described, described_real, reference) for name, metric in metrics}
-        results.append({"model": model, "steps": steps, **scores, "seconds": round(seconds, 3)})
+        results.append({"model": model, "steps": steps, "guidance": guidance, **scores, "seconds": round(seconds, 3)})
     real_scores = {name: metric(described_real, described_real, reference) for name, metric in metrics}
 
     grids = run_dir / "samples"
@@ -132,7 +138,7 @@ def evaluate_run(
         return torch.nn.functional.interpolate(images[: config.grid], scale_factor=config.grid_zoom, mode="nearest")
 
     save_grid(zoom(real), grids / "real.png")
-    for model, steps, images, _ in rows:
+    for model, steps, _, images, _ in rows:
         save_grid(zoom(images), grids / f"{model}-{steps}step.png")
     tree = {
         "results": results,
@@ -147,7 +153,7 @@ def evaluate_run(
         for r in results:
             for name, _ in metrics:
                 writer.add_scalar(f"eval/{r['model']}/{name}", r[name], r["steps"])
-        for model, steps, images, _ in rows:
+        for model, steps, _, images, _ in rows:
             writer.add_image(f"eval/{model}-{steps}step", image_grid(images[: config.grid]), 0)
         writer.flush()
     return tree
@@ -155,20 +161,25 @@ def evaluate_run(
 
 def report(tree: dict[str, Any], names: list[str]) -> str:
     """The markdown report: the table, then one grid per row (same prompts and noise)."""
-    arrow = {"fd": "↓", "fd_patch": "↓", "adherence": "↑", "coverage": "↑", "teacher_distance": "↓"}
-    head = ["model", "steps", *[f"{n} {arrow.get(n, '')}".strip() for n in names], "sampling s"]
+    arrow = {"fd": "↓", "fd_patch": "↓", "fd_teacher": "↓", "fd_patch_teacher": "↓", "adherence": "↑",
+             "coverage": "↑", "diversity": "↑", "teacher_distance": "↓"}
+    head = ["model", "steps", "guidance", *[f"{n} {arrow.get(n, '')}".strip() for n in names], "sampling s"]
     lines = [
         "# Evaluation",
         "",
         f"{tree['samples']} prompts, one sample each, the same noise for every model; the teacher samples with "
-        f"guidance {tree['teacher_guidance']}, students without. fd and fd_patch are against real images of the "
-        "same prompts; coverage is against the teacher's samples.",
+        f"guidance {tree['teacher_guidance']} (and, as teacher-unguided, without), students without. fd and fd_patch "
+        "are against real images of the same prompts; fd_teacher, fd_patch_teacher and coverage against the first "
+        "teacher row's samples; diversity, where captions leave attributes open, is the entropy of the attributes "
+        "read from the samples over that of the real scenes (1: as varied as real images; lower: modes averaged or "
+        "dropped).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    for r in [*tree["results"], {"model": "real images", "steps": "", **tree["real"], "seconds": ""}]:
-        cells = [str(r["model"]), str(r["steps"]), *[f"{r[n]:.3f}" for n in names], str(r["seconds"])]
+    for r in [*tree["results"], {"model": "real images", "steps": "", "guidance": "", **tree["real"], "seconds": ""}]:
+        cells = [str(r["model"]), str(r["steps"]), str(r.get("guidance", "")), *[f"{r[n]:.3f}" for n in names],
+                 str(r["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Samples", "", "Prompts, in grid order (row by row):", ""]
     lines += [f"{i + 1}. {p}" for i, p in enumerate(tree["prompts"])]

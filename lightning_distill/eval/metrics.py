@@ -39,7 +39,9 @@ class Described:
     predicted: Tensor
     """``[N, 4]`` attribute classes read from the images."""
     attributes: Tensor | None = None
-    """``[N, 4]`` the attributes the captions asked for."""
+    """``[N, 4]`` the attributes of the scenes the captions describe."""
+    mentioned: Tensor | None = None
+    """``[N, 4]`` which of them each caption names (None: all)."""
     images: Tensor | None = None
     """``[N, 3, H, W]`` the images themselves, in [0, 1]."""
 
@@ -128,12 +130,48 @@ class TeacherPatchFD(PatchFD):
 
 @METRICS.register("adherence")
 class Adherence(Metric):
-    """Fraction of the prompts' attributes (colour, kind, position, size) that the classifier finds."""
+    """Fraction of the attributes the prompts name (colour, kind, position, size) that the classifier finds."""
 
     def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
         if samples.attributes is None:
             raise UserError("metric adherence needs the prompts' attributes (data with an 'attributes' entry)")
-        return float((samples.predicted == samples.attributes).double().mean())
+        hit = samples.predicted == samples.attributes
+        if samples.mentioned is None:
+            return float(hit.double().mean())
+        return float(hit[samples.mentioned].double().mean()) if samples.mentioned.any() else 1.0
+
+
+def entropy(values: Tensor) -> float:
+    """Shannon entropy (nats) of the empirical distribution of integer ``values``."""
+    p = torch.bincount(values.long()).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+@METRICS.register("diversity")
+class Diversity(Metric):
+    """How varied the samples are where the prompt leaves an attribute open, relative to real images: per
+    attribute, the entropy of the values the classifier reads from samples whose caption does not name it, over
+    the entropy of the same scenes' real values; the mean over attributes. About 1 for real images, 0 for a
+    model that always draws the same value (mode collapse), lower than 1 for one that averages modes."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        min_open: int = 16
+        """Attributes left open by fewer prompts than this are skipped."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        if samples.mentioned is None or real.attributes is None:
+            raise UserError("metric diversity needs captions that leave attributes open (shapes captions: mixed)")
+        ratios = []
+        for i in range(samples.predicted.shape[1]):
+            open_ = ~samples.mentioned[:, i]
+            reference = entropy(real.attributes[open_, i]) if int(open_.sum()) >= self.config.min_open else 0.0
+            if reference > 0:
+                ratios.append(entropy(samples.predicted[open_, i]) / reference)
+        if not ratios:
+            raise UserError(f"metric diversity: fewer than {self.config.min_open} prompts leave any attribute open")
+        return sum(ratios) / len(ratios)
 
 
 @METRICS.register("coverage")

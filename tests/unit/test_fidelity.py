@@ -108,3 +108,43 @@ def test_mixed_captions_name_only_true_attributes_and_flag_them():
     assert levels == {0, 1, 2, 3, 4}  # from "a shape" to the full description
     full = Shapes(Shapes.Config(size=50))
     assert all(full[i]["mentioned"].all() for i in range(50))
+
+
+def _described(predicted, attributes, mentioned):
+    from lightning_distill.eval.metrics import Described
+
+    n = predicted.shape[0]
+    return Described(torch.zeros(n, 2), torch.zeros(n, 2), predicted, attributes, mentioned)
+
+
+def test_diversity_is_one_on_real_scenes_and_low_when_modes_collapse():
+    from lightning_distill.eval.metrics import Adherence, Diversity
+
+    world = Shapes(Shapes.Config(size=600, captions="mixed", split="all"))
+    items = [world[i] for i in range(600)]
+    attributes = torch.stack([it["attributes"] for it in items])
+    mentioned = torch.stack([it["mentioned"] for it in items])
+    real = _described(attributes, attributes, mentioned)
+    diversity = Diversity(Diversity.Config())
+    assert diversity(real, real) == pytest.approx(1.0)
+    # a model that draws the named attributes right and always the same value for the open ones
+    collapsed = torch.where(mentioned, attributes, torch.zeros_like(attributes))
+    fake = _described(collapsed, attributes, mentioned)
+    assert diversity(fake, real) < 0.05
+    assert Adherence(Adherence.Config())(fake, real) == 1.0  # the named attributes are right
+    # a model that keeps two of the values it should vary: in between
+    halved = torch.where(mentioned, attributes, attributes % 2)
+    assert 0.2 < diversity(_described(halved, attributes, mentioned), real) < 0.9
+    with pytest.raises(UserError, match="leave attributes open"):
+        diversity(_described(attributes, attributes, None), real)
+
+
+def test_adherence_counts_only_the_attributes_a_caption_names():
+    from lightning_distill.eval.metrics import Adherence
+
+    attributes = torch.tensor([[0, 1, 2, 1], [3, 2, 4, 0]])
+    predicted = torch.tensor([[0, 1, 0, 0], [3, 0, 4, 0]])  # wrong where the captions are silent, and one named
+    mentioned = torch.tensor([[True, True, False, False], [True, True, False, True]])
+    adherence = Adherence(None)
+    assert adherence(_described(predicted, attributes, mentioned), None) == pytest.approx(4 / 5)
+    assert adherence(_described(predicted, attributes, None), None) == pytest.approx(5 / 8)

@@ -69,8 +69,8 @@ class ShapesFeatures(nn.Module):
         self.requires_grad_(False).eval()
 
     @torch.no_grad()
-    def describe(self, images: Tensor, attributes: Tensor | None = None) -> Described:
-        """``images`` ``[N, 3, 32, 32]`` in [0, 1]."""
+    def describe(self, images: Tensor, attributes: Tensor | None = None, mentioned: Tensor | None = None) -> Described:
+        """``images`` ``[N, 3, 32, 32]`` in [0, 1]; the scenes' ``attributes`` and which the captions name."""
         device = next(self.parameters()).device
         whole, patch, predicted = [], [], []
         for chunk in images.split(self.config.batch_size):
@@ -78,7 +78,7 @@ class ShapesFeatures(nn.Module):
             whole.append(w.double().cpu())
             patch.append(local.permute(0, 2, 3, 1).flatten(0, 2).double().cpu())
             predicted.append(torch.stack([lg.argmax(-1) for lg in logits], dim=1).cpu())
-        return Described(torch.cat(whole), torch.cat(patch), torch.cat(predicted), attributes, images.cpu())
+        return Described(torch.cat(whole), torch.cat(patch), torch.cat(predicted), attributes, mentioned, images.cpu())
 
 
 def train_classifier(steps: int = 400, batch_size: int = 128, seed: int = 0, log_every: int = 100) -> ShapesNet:

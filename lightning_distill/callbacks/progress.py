@@ -48,8 +48,10 @@ class Progress(Callback):
 
     def on_log(self, *, metrics: dict[str, float], **_: Any) -> None:
         if self.bar is not None:
-            losses = {k.removeprefix("loss/"): f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss/")}
-            self.bar.set_postfix(losses, refresh=False)
+            shown = {k.removeprefix("loss/"): f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss/")}
+            if "d/accuracy" in metrics:  # 0.5: the discriminator is at chance, its gradient tells the student nothing
+                shown["D acc"] = f"{metrics['d/accuracy']:.2f}"
+            self.bar.set_postfix(shown, refresh=False)
 
     def on_fit_end(self, **_: Any) -> None:
         if self.bar is not None:

@@ -48,7 +48,9 @@ class TeacherRows:
 class EvalConfig:
     samples: PositiveInt = 256
     """Prompts (one sample each) drawn from the data source below, with their real images as the reference."""
-    data: component("data") = field(default_factory=lambda: {"name": "shapes", "split": "all"})  # type: ignore[valid-type]
+    data: component("data") = field(  # type: ignore[valid-type]
+        default_factory=lambda: {"name": "shapes", "split": "all", "captions": "mixed"}
+    )
     """Where prompts, real images and attributes come from (the first ``samples`` items)."""
     seed: int = 1234
     """Seeds the prompts and the sampling noise (the same for every model)."""
@@ -56,7 +58,8 @@ class EvalConfig:
     models: list[ModelRow] = field(default_factory=list)
     features: component("features") = field(default_factory=lambda: {"name": "shapes"})  # type: ignore[valid-type]
     metrics: list[component("metric")] = field(  # type: ignore[valid-type]
-        default_factory=lambda: [{"name": n} for n in ("fd", "fd_patch", "adherence", "coverage")]
+        default_factory=lambda: [{"name": n} for n in ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence",
+                                                       "diversity", "coverage")]
     )
     grid: PositiveInt = 16
     """Samples in each PNG grid (the first prompts)."""

@@ -92,14 +92,15 @@ def test_metrics_on_real_data_and_noise(features):
     assert frechet_distance(d_blur.patch, d_real.patch) / same_patch > frechet_distance(d_blur.whole, d_real.whole) / same
 
 
-def test_shipped_teacher_follows_captions(minilm, features):
-    """The shipped teacher, loaded through from_pretrained, draws what the captions say."""
+@pytest.mark.parametrize("asset", ["teacher", "teacher-mixed"])
+def test_shipped_teacher_follows_captions(minilm, features, asset):
+    """The shipped teachers, loaded through from_pretrained, draw what the captions say."""
     from lightning_distill.models.sdxl.network import UNetTeacher
     from lightning_distill.models.teacher import guided
     from lightning_distill.config.recipe import ASSETS
     from lightning_distill.inference.sampler import sample_latents
 
-    teacher = UNetTeacher(UNetTeacher.Config(pretrained=str(ASSETS / "tiny" / "teacher")))
+    teacher = UNetTeacher(UNetTeacher.Config(pretrained=str(ASSETS / "tiny" / asset)))
     assert teacher.schedule.config.beta_schedule == "linear" and teacher.prediction == "v_prediction"
     real, attributes, captions = _images("train", 48, seed=3)
     cond = minilm.encode_text(captions)
@@ -119,7 +120,7 @@ def test_branch_from_starts_a_second_ladder():
     assert m4.options.teacher_steps == 8 and m4.options.student_steps == 4
     m2 = phases["m2-mse"]
     assert m2.options.teacher_from is None and m2.options.student_from is None  # follows its branch
-    assert phases["m1-mse"].options.prediction == "sample"
+    assert phases["m1-mse"].options.prediction is None  # v-prediction throughout: no x0 conversion
     assert phases["l4-cond"].options.student_from is None
     scaled = load_recipe(TINY / "lightning.yaml", ["schedule.steps_scale=0.01"]).recipe.schedule.build().phases()
     assert all(p.steps == max(1, round(phases[p.name].steps * 0.01)) for p in scaled)
@@ -165,11 +166,12 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     tree = json.loads((out / "metrics.json").read_text())
     rows = tree["results"]
     assert {(r["model"], r["steps"]) for r in rows} == {
-        ("teacher", 4), ("mse", 8), ("lightning", 4), ("lightning", 2), ("lightning", 1), ("mse", 4), ("mse", 2),
-        ("mse", 1)}
+        ("teacher", 4), ("teacher-unguided", 4), ("mse", 8), ("lightning", 4), ("lightning", 2), ("lightning", 1),
+        ("mse", 4), ("mse", 2), ("mse", 1), ("adversarial-from-mse", 2), ("adversarial-from-mse", 1)}
     for r in rows:
-        assert isinstance(r["steps"], int) and r["model"] in ("teacher", "lightning", "mse")
-        for key in ("fd", "fd_patch", "adherence"):
+        assert isinstance(r["steps"], int) and r["model"] in ("teacher", "teacher-unguided", "lightning", "mse", "adversarial-from-mse")
+        assert r["guidance"] == (3.0 if r["model"] == "teacher" else 0.0)
+        for key in ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity"):
             assert isinstance(r[key], float) and np.isfinite(r[key])
         assert 0.0 <= r["adherence"] <= 1.0
         assert (out / "samples" / f"{r['model']}-{r['steps']}step.png").is_file()
@@ -189,9 +191,12 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     assert Image.open(grid).size == (2 * 33 + 1, 34)  # two 32-pixel images in one row, 1-pixel padding
 
 
-def test_students_sample_with_their_teachers_parameterisation():
-    """Students of the v-prediction teacher sample as v-prediction, the x0-converted 1-step ones as x0."""
-    loaded = load_recipe(TINY / "lightning.yaml")
+@pytest.mark.parametrize("x0_at_one_step", [False, True])
+def test_students_sample_with_their_teachers_parameterisation(x0_at_one_step):
+    """Students of the v-prediction teacher sample as v-prediction (v is defined at t = T, so the main job's 1-step
+    students keep it); a 1-step stage switched to x0 (the paper's way for epsilon teachers) samples as x0."""
+    overrides = ["schedule.stages.6.prediction=sample", "schedule.stages.3.prediction=sample"] * x0_at_one_step
+    loaded = load_recipe(TINY / "lightning.yaml", overrides)
     phases = {p.stage: p for p in loaded.recipe.schedule.build().phases()}
     method = loaded.recipe.method.build(phases=list(phases.values()), codec=None, seed=0)
 
@@ -201,4 +206,5 @@ def test_students_sample_with_their_teachers_parameterisation():
 
     assert prediction_of(loaded, phases["s8"]) == "v_prediction"
     assert prediction_of(loaded, phases["m2"]) == "v_prediction"
-    assert prediction_of(loaded, phases["l1"]) == prediction_of(loaded, phases["m1"]) == "sample"
+    one_step = "sample" if x0_at_one_step else "v_prediction"
+    assert prediction_of(loaded, phases["l1"]) == prediction_of(loaded, phases["m1"]) == one_step

@@ -59,7 +59,7 @@ class PhaseConfig:
     student step (with ``discriminator_every: 1``)."""
     discriminator_warmup: Annotated[int, Min(0)] = 0
     """adversarial: iterations at the phase start in which only the discriminator trains, so that the student
-    follows a discriminator that already tells teacher from student."""
+    follows a discriminator that already tells teacher from student (scaled with the phase by steps_scale)."""
     conditional: bool = True
     """adversarial: the discriminator also sees x_t (conditional) or only x_{t-ns} (unconditional)."""
     guidance: float = 0.0
@@ -160,12 +160,13 @@ class Ladder:
                 optimizers = {"student": student}
                 if p.kind != "adversarial" and (p.discriminator_warmup or p.student_every > 1):
                     raise UserError(f"{where}: discriminator_warmup and student_every apply to adversarial phases only")
+                steps = max(1, round(p.steps * self.config.steps_scale))
                 if p.kind == "adversarial":
-                    if p.discriminator_warmup >= round(p.steps * self.config.steps_scale) and p.discriminator_warmup:
+                    warmup = round(p.discriminator_warmup * self.config.steps_scale)  # scaled with the phase
+                    if warmup >= steps and p.discriminator_warmup:
                         raise UserError(f"{where}: discriminator_warmup ({p.discriminator_warmup}) leaves the "
                                         f"student no step of the phase's {p.steps}")
-                    student = OptimizerSettings(p.lr, p.betas, p.weight_decay, every=p.student_every,
-                                                after=p.discriminator_warmup)
+                    student = OptimizerSettings(p.lr, p.betas, p.weight_decay, every=p.student_every, after=warmup)
                     disc = OptimizerSettings(
                         p.discriminator_lr if p.discriminator_lr is not None else p.lr,
                         p.discriminator_betas or p.betas,
@@ -188,7 +189,6 @@ class Ladder:
                     renoise_weights=tuple(p.renoise_weights or [1.0] * n),
                     renoise_weights_end=tuple(p.renoise_weights_end or p.renoise_weights or [1.0] * n),
                 )
-                steps = max(1, round(p.steps * self.config.steps_scale))
                 specs.append((p.name or f"{stage.name}-{suffix}", stage.name, p.kind, steps, optimizers, options))
             seen.append(stage.name)
             steps_of[stage.name] = stage.student_steps

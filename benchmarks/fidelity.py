@@ -1,0 +1,69 @@
+"""Does the method win in miniature? Both ladders of the main job (and the teacher rows) over several training seeds.
+
+Trains ``recipes/tiny/lightning.yaml`` once per seed (the evaluation's prompts and noise stay the same), collects
+each run's ``metrics.json`` rows, writes ``benchmarks/fidelity.json`` and appends a table of mean ± sd per model and
+step count to ``benchmarks/RESULTS.md``. Finished runs are only read again, so a killed benchmark resumes.
+
+    python benchmarks/fidelity.py [--seeds 0 1 2] [--out runs/fidelity] [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import RESULTS, device_name, record
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "tiny" / "lightning.yaml"
+METRICS = ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity", "coverage")
+
+
+def summarise(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> list[dict[str, object]]:
+    """Mean ± sd (over seeds) of each metric, per (model, steps), in the order the rows first appear."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["steps"]), []).append(r)
+    table = []
+    for (model, steps), group in groups.items():
+        row: dict[str, object] = {"model": model, "steps": steps, "seeds": len(group)}
+        for m in metrics:
+            values = [float(r[m]) for r in group if m in r]
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[m] = f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+        table.append(row)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=str(ROOT / "runs" / "fidelity"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "fidelity.json"))
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    results = []
+    for seed in args.seeds:
+        out = Path(args.out) / f"seed-{seed}"
+        if not (out / "metrics.json").is_file():
+            done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(RECIPE), "--out", str(out),
+                                   f"seed={seed}", *args.overrides], cwd=ROOT)
+            if done.returncode:
+                sys.exit(done.returncode)
+        results += [{**r, "seed": seed} for r in json.loads((out / "metrics.json").read_text())["results"]]
+    command = " ".join(["python benchmarks/fidelity.py", "--seeds", *map(str, args.seeds), *args.overrides])
+    Path(args.json).write_text(json.dumps({"command": command, "seeds": args.seeds, "results": results}, indent=1))
+    import torch
+
+    record(f"Fidelity in miniature: both ladders over seeds {args.seeds} (mean ± sd)", command,
+           device_name(torch.device("cpu")), summarise(results), None if args.no_record else RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -80,6 +80,7 @@ class ProgressiveDistillation(Method):
         """Cross-checks of the recipe, before anything loads."""
         if config.discriminator is None and any(p.kind == "adversarial" for p in phases):
             raise UserError("method.discriminator: the schedule has adversarial phases; add a discriminator section")
+
         def adversarial(loss: object) -> bool:  # the loss contract: adversarial losses set adversarial = True
             return bool(getattr(loss, "adversarial", False))
 
@@ -128,7 +129,10 @@ class ProgressiveDistillation(Method):
                 state = strip_prefix(artifacts(kept.index), "discriminator.")
                 if kept.options.conditional != phase.options.conditional:
                     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-                disc.load_state_dict(state, strict=False)
+                missing, unexpected = disc.load_state_dict(state, strict=False)
+                if unexpected or any(not k.startswith("head.") for k in missing):  # only a new head may be missing
+                    raise RuntimeError(f"discriminator of {kept.name} does not fit {phase.name}: "
+                                       f"missing {missing[:3]}, unexpected {unexpected[:3]}")
             modules["discriminator"] = disc
         return modules
 

@@ -157,7 +157,7 @@ class Diversity(Metric):
 
     @dataclass(kw_only=True)
     class Config:
-        min_open: int = 16
+        min_open: int = 8
         """Attributes left open by fewer prompts than this are skipped."""
 
     def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:

@@ -56,3 +56,31 @@ def test_loop_overhead_and_data_benchmarks_run(tmp_path):
     assert rows[0]["samples/s"] > 0 and rows[0]["step demand samples/s"] == 4.0
     text = results.read_text()
     assert text.count("### ") == 2 and "Loop overhead" in text and "Cached-latent loading" in text
+
+
+def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
+    """Two seeds of a very short main job: fidelity.json holds each report row with its seed; the table gives the
+    mean and sd over seeds."""
+    import json
+    import subprocess
+
+    out, summary = tmp_path / "runs", tmp_path / "fidelity.json"
+    small = ["schedule.steps_scale=0.01", "train.batch_size=4", "callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]",
+             "callbacks.2.teacher.unguided=false", "callbacks.2.grid=4"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--seeds", "0", "1", "--out",
+                           str(out), "--json", str(summary), "--no-record", *small], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tree = json.loads(summary.read_text())
+    assert tree["seeds"] == [0, 1] and "--seeds 0 1" in tree["command"]
+    rows = tree["results"]
+    assert {r["seed"] for r in rows} == {0, 1}
+    per_seed = [{(r["model"], r["steps"]) for r in rows if r["seed"] == s} for s in (0, 1)]
+    assert per_seed[0] == per_seed[1] and ("lightning", 1) in per_seed[0] and ("mse", 1) in per_seed[0]
+    import fidelity
+
+    table = {(r["model"], r["steps"]): r for r in fidelity.summarise(rows)}
+    fd = [r["fd"] for r in rows if (r["model"], r["steps"]) == ("mse", 1)]
+    mean, sd = table[("mse", 1)]["fd"].split(" ± ")
+    assert abs(float(mean) - sum(fd) / 2) < 1e-3 and abs(float(sd) - abs(fd[0] - fd[1]) / 2**0.5) < 1e-3
+    assert "| model | steps | seeds | fd |" in done.stdout

@@ -160,7 +160,7 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     out = tmp_path / "tiny"
     done = cli(
         "train", str(TINY / "lightning.yaml"), "--out", str(out), "schedule.steps_scale=0.01", "train.batch_size=4",
-        "callbacks.2.samples=24", "callbacks.2.teacher.steps=[4]", "callbacks.2.grid=4",
+        "callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]", "callbacks.2.grid=4",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     tree = json.loads((out / "metrics.json").read_text())

@@ -8,6 +8,7 @@ takes several. A phase regresses the teacher's result (``mse``), plays a GAN aga
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +25,8 @@ from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
 from lightning_distill.config.registry import LOSSES, METHODS
 from lightning_distill.codecs.base import batch_conditioning, batch_latents
+
+log = logging.getLogger(__name__)
 
 def teacher_paths(index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000) -> Tensor:
     """Per sample, the teacher's timesteps from the student's ``t`` to its target ``t - ns``.
@@ -125,8 +128,11 @@ class ProgressiveDistillation(Method):
         if phase.kind == "adversarial":
             disc = c.discriminator.build(teacher=teacher, conditional=phase.options.conditional)
             kept = self._kept_discriminator(phase)
-            if kept is not None and not empty:  # the stage's discriminator so far (a new head if conditioning changed)
-                state = strip_prefix(artifacts(kept.index), "discriminator.")
+            state = strip_prefix(artifacts(kept.index), "discriminator.") if kept is not None and not empty else {}
+            if kept is not None and not empty and not state:
+                log.warning("phase %s left no discriminator to keep (a run folder of an older version?); "
+                            "%s starts with a fresh one", kept.name, phase.name)
+            if state:  # the stage's discriminator so far (a new head if the conditioning changed)
                 if kept.options.conditional != phase.options.conditional:
                     state = {k: v for k, v in state.items() if not k.startswith("head.")}
                 missing, unexpected = disc.load_state_dict(state, strict=False)

@@ -22,13 +22,8 @@ class PhaseState:
     phase: Phase
     modules: dict[str, nn.Module]
     optimizers: dict[str, Any]
-
-    @property
-    def trainable(self) -> dict[str, list[nn.Parameter]]:
-        """Per optimizer, the parameters it trains (fixed when the phase is set up)."""
-        if not hasattr(self, "_trainable"):
-            self._trainable = {n: [p for p in self.modules[n].parameters() if p.requires_grad] for n in self.optimizers}
-        return self._trainable
+    trainable: dict[str, list[nn.Parameter]]
+    """Per optimizer, the parameters it trains (read at set-up, before steps toggle ``requires_grad``)."""
 
     def checkpoint_state(self) -> dict[str, dict[str, Any]]:
         """What a checkpoint saves per trained module: ``{"model": module, "optimizer": optimizer}``."""
@@ -61,13 +56,13 @@ def setup_phase(
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         for name, module in modules.items():
             set_model_state_dict(getattr(module, "_original_module", module), full.get(name, {}), options=options)
+    trainable = {name: [p for p in modules[name].parameters() if p.requires_grad] for name in phase.optimizers}
     optimizers = {}
     for name, settings in phase.optimizers.items():
-        params = [p for p in modules[name].parameters() if p.requires_grad]
-        opt = optimizer.build(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        opt = optimizer.build(trainable[name], lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
         optimizers[name] = fabric.setup_optimizers(opt)
     method.attach(modules)
-    return PhaseState(phase, modules, optimizers)
+    return PhaseState(phase, modules, optimizers, trainable)
 
 
 def module_views(modules: dict[str, nn.Module], active: str | None) -> dict[str, nn.Module]:

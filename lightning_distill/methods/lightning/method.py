@@ -248,7 +248,7 @@ class ProgressiveDistillation(Method):
     # -- what a finished phase is ----------------------------------------------------------------------------
     def facts(self, phase: Phase) -> PhaseFacts:
         student = self.modules["student"]
-        return PhaseFacts(phase.stage, phase.kind, getattr(student, "prediction"), phase.options.student_steps)
+        return PhaseFacts(phase.stage, phase.kind, student.prediction, phase.options.student_steps)
 
     def phase_model(self, facts: PhaseFacts | None, artifact: dict[str, Tensor] | None) -> PhaseModel:
         """The teacher network with the phase's student weights (or, with no facts, the base teacher)."""

@@ -150,12 +150,17 @@ class ProgressiveDistillation(Method):
         return earlier[-1] if earlier and earlier[-1].kind == "adversarial" else None
 
     def _renoise_levels(self) -> tuple[int, ...]:
-        """The phase's re-noise timesteps on the teacher's schedule (mapped by SNR from SDXL's, if so set)."""
+        """The phase's re-noise timesteps on the teacher's schedule (mapped by SNR from SDXL's, if so set); mapped
+        once per phase, not on every iteration."""
         levels = self.phase.options.renoise_timesteps
-        if self.config.timestep_reference == "sdxl" and levels:
+        if self.config.timestep_reference != "sdxl" or not levels:
+            return tuple(levels)
+        cached = getattr(self, "_mapped_levels", None)
+        if cached is None or cached[0] != (self.phase.index, levels):
             schedule = self.modules["teacher"].schedule
-            return tuple(snr_matched_timesteps(list(levels), NoiseSchedule(NoiseScheduleConfig()), schedule))
-        return tuple(levels)
+            mapped = tuple(snr_matched_timesteps(list(levels), NoiseSchedule(NoiseScheduleConfig()), schedule))
+            self._mapped_levels = cached = ((self.phase.index, levels), mapped)
+        return cached[1]
 
     def artifact(self) -> dict[str, dict[str, Tensor]]:
         """The student with its adapter merged: plain weights the next phase and stage load; and the

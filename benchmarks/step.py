@@ -23,7 +23,7 @@ from common import device_name, matmul_rate, record, timed  # noqa: E402
 
 from lightning_distill.models.sdxl.network import UNetDenoiser  # noqa: E402
 from lightning_distill.models.teacher import SamplerTeacher  # noqa: E402
-from lightning_distill.models.noise import NoiseScheduleConfig  # noqa: E402
+from lightning_distill.models.noise import NoiseSchedule  # noqa: E402
 from lightning_distill.config.registry import TEACHERS  # noqa: E402
 
 SDXL_UNET = dict(
@@ -55,7 +55,7 @@ class RandomUNetTeacher(SamplerTeacher):
 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**config.unet).to(getattr(torch, config.dtype))
-        super().__init__(UNetDenoiser(unet), prediction="epsilon", noise_schedule=NoiseScheduleConfig())
+        super().__init__(UNetDenoiser(unet), prediction="epsilon", schedule=NoiseSchedule())
 
 
 CASES = [  # name, phase kind, conditional, adapter, optimizer, gradient checkpointing

@@ -26,6 +26,10 @@ class Codec(nn.Module):
     """Pixels per latent along a side (1: pixel space)."""
     has_text: bool = False
     """Whether the codec turns captions into conditioning (``encode_text``)."""
+    zero_null: bool = True
+    """Whether classifier-free guidance's unconditional input is zero text embeddings (SDXL's
+    ``force_zeros_for_empty_prompt``) or, when False, the encoding of the empty caption (SD1.5, SD3): then
+    ``encode_text([""])`` gives it, as the family's pipeline computes its negative prompt."""
 
     def encode(self, pixels: Tensor) -> Tensor:
         raise NotImplementedError

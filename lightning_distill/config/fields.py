@@ -206,6 +206,8 @@ def _check_spec(value: Any, role: str, path: str, source: SourceLookup) -> Spec:
         return value
     if isinstance(value, str):
         value = {"name": value}
+    if isinstance(value, dict) and "name" not in value and REGISTRIES[role].default is not None:
+        value = {"name": REGISTRIES[role].default, **value}
     if not isinstance(value, dict) or "name" not in value:
         raise _err(f"expected a {role} section with a 'name' key, got {_describe(value)}", path, source)
     name = value["name"]

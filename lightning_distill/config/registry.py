@@ -33,10 +33,13 @@ class Registry:
     Args:
         role: the role's name as it appears in recipes and in ``lightning-distill components ROLE``.
         doc: the contract registered components must follow (signature, return type).
+        default: the name a recipe section without ``name`` means (None: ``name`` is required).
     """
 
-    def __init__(self, role: str, doc: str) -> None:
+    def __init__(self, role: str, doc: str, default: str | None = None) -> None:
         self.role = role
+        self.default = default
+        """The name a recipe section without ``name`` means (None: ``name`` is required)."""
         self.__doc__ = doc
         self._entries: dict[str, Any] = {}
 
@@ -95,6 +98,13 @@ TEACHERS = Registry(
     architecture on the meta device, no weights read) where a Teacher is an ``nn.Module`` with
     ``forward(x_t, timesteps [B, n+1], cond, guidance) -> x at timesteps[:, -1]`` (no grad, n solver steps),
     ``predict(x, t, cond, guidance) -> (x0, eps)``, a ``schedule`` and a ``denoiser`` module.""",
+)
+NOISE_SCHEDULES = Registry(
+    "noise_schedule",
+    """Noise schedules on the integer timestep grid. ``cls(config) -> Schedule`` (see
+    :class:`lightning_distill.models.noise.Schedule`): coefficients ``(a, s)`` of ``x_t = a x0 + s ε``, the
+    network's time, and the sampler's starting scale. A section without ``name`` is ``discrete``.""",
+    default="discrete",
 )
 STUDENTS = Registry(
     "student",
@@ -176,6 +186,7 @@ REGISTRIES: dict[str, Registry] = {
     r.role: r
     for r in (
         TEACHERS,
+        NOISE_SCHEDULES,
         STUDENTS,
         ADAPTERS,
         BACKBONES,
@@ -201,7 +212,7 @@ BUILTIN_MODULES = tuple(
         "data.cache", "data.images", "data.synthetic",
         "eval.metrics",
         "methods.diffusion.method", "methods.diffusion.schedule", "methods.lightning.ladder", "methods.lightning.method",
-        "models.adapters", "models.discriminator", "models.losses", "models.optim", "models.student",
+        "models.adapters", "models.discriminator", "models.losses", "models.noise", "models.optim", "models.student",
         "models.sdxl.network", "models.toy.network",
         "worlds.shapes.features", "worlds.shapes.world",
     )

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_distill.errors import UserError
-from lightning_distill.models.noise import NoiseSchedule, NoiseScheduleConfig, Prediction
+from lightning_distill.models.noise import Prediction, Schedule
 
 
 def null_cond(cond: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -51,14 +51,18 @@ class SamplerTeacher(nn.Module):
     Args:
         denoiser: the network; it is frozen here (``requires_grad_(False)``, eval mode).
         prediction: what the network predicts: epsilon, sample or v_prediction.
-        noise_schedule: the training schedule of the network.
+        schedule: the training schedule of the network (discrete or flow matching).
     """
 
-    def __init__(self, denoiser: nn.Module, *, prediction: str, noise_schedule: NoiseScheduleConfig) -> None:
+    def __init__(self, denoiser: nn.Module, *, prediction: str, schedule: Schedule) -> None:
         super().__init__()
+        try:
+            schedule.check_prediction(prediction)
+        except ValueError as err:
+            raise UserError(f"method.teacher: {err}") from err
         self.denoiser = denoiser.requires_grad_(False).eval()
         self.prediction: Prediction = prediction  # type: ignore[assignment]
-        self.schedule = NoiseSchedule(noise_schedule)
+        self.schedule = schedule
 
     source: PretrainedSource | None = None
     """The diffusers folder or hub id the network came from; None: built by code (no export format)."""

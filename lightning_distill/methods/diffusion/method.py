@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_distill.engine.artifacts import full_state_dict
-from lightning_distill.config.fields import NonNegativeFloat, PositiveInt
-from lightning_distill.models.noise import NoiseSchedule, NoiseScheduleConfig, Prediction
+from lightning_distill.config.fields import NonNegativeFloat, PositiveInt, component
+from lightning_distill.models.noise import FlowMatchSchedule, Prediction
 from lightning_distill.errors import UserError
 from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseFacts, PhaseModel
 from lightning_distill.utils.images import to_unit
@@ -44,7 +44,8 @@ class DiffusionTraining(Method):
         unet: dict[str, Any]
         """Arguments of ``diffusers.UNet2DConditionModel`` (block_out_channels, cross_attention_dim, ...)."""
         prediction: Prediction = "epsilon"
-        noise_schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+        noise_schedule: component("noise_schedule") = field(default_factory=lambda: {"name": "discrete"})  # type: ignore[valid-type]
+        """discrete (betas; the default) or flow_match (with prediction: flow)."""
         caption_dropout: NonNegativeFloat = 0.1
         """Fraction of captions replaced by the empty caption (zero embedding), for classifier-free guidance."""
         preview_steps: PositiveInt = 32
@@ -55,6 +56,10 @@ class DiffusionTraining(Method):
     def check(config: Config, phases: list[Phase]) -> None:
         if [n for p in phases for n in p.optimizers] != ["model"] * len(phases):
             raise UserError("method diffusion trains one module named 'model'; use schedule 'single'")
+        try:
+            config.noise_schedule.build().check_prediction(config.prediction)
+        except ValueError as err:
+            raise UserError(f"method.prediction: {err}") from err
         if config.caption_dropout > 1:
             raise UserError(f"method.caption_dropout must lie in [0, 1], got {config.caption_dropout}")
 
@@ -63,12 +68,12 @@ class DiffusionTraining(Method):
         self.phases = phases
         self.codec = codec
         self.seed = seed
-        self.schedule = NoiseSchedule(config.noise_schedule)
+        self.schedule = config.noise_schedule.build()
 
     def build_phase(self, phase: Phase, artifacts: ArtifactLoader, empty: bool = False) -> dict[str, nn.Module]:
         self.phase = phase
         with torch.device("meta" if empty else "cpu"):
-            return {"model": UNetDenoiser(build_unet(self.config.unet)).train()}
+            return {"model": UNetDenoiser(build_unet(self.config.unet), self.schedule).train()}
 
     def artifact(self) -> dict[str, dict[str, Tensor]]:
         return {"model": full_state_dict(self.modules["model"])}
@@ -99,19 +104,16 @@ class DiffusionTraining(Method):
 
     def phase_model(self, facts: PhaseFacts | None, artifact: dict[str, Tensor] | None) -> PhaseModel:
         """The trained UNet (float16 when exported) with its DDPM scheduler."""
-        denoiser = UNetDenoiser(build_unet(self.config.unet))
+        denoiser = UNetDenoiser(build_unet(self.config.unet), self.schedule)
         if artifact is not None:
             denoiser.load_state_dict(strip_prefix(artifact, "model."))
         return self._model(denoiser, facts or PhaseFacts("diffusion", "diffusion", self.config.prediction))
 
     def _model(self, denoiser: UNetDenoiser, facts: PhaseFacts) -> PhaseModel:
-        s = self.config.noise_schedule
-
         def scheduler() -> Any:
-            from diffusers import DDPMScheduler
-
-            return DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start,
-                                 beta_end=s.beta_end, beta_schedule=s.beta_schedule, prediction_type=self.config.prediction)
+            if isinstance(self.schedule, FlowMatchSchedule):
+                return self.schedule.scheduler()
+            return self.schedule.scheduler(self.config.prediction)
 
         return PhaseModel(facts, denoiser, self.schedule, denoiser.in_channels, network=denoiser.network,
                           scheduler=scheduler, export_dtype="float16")

@@ -20,7 +20,7 @@ from lightning_distill.config.fields import component
 from lightning_distill.errors import UserError
 from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseFacts, PhaseModel
 from lightning_distill.methods.lightning.ladder import LadderOptions
-from lightning_distill.models.noise import NoiseSchedule, NoiseScheduleConfig, snr_matched_timesteps
+from lightning_distill.models.noise import NoiseSchedule, snr_matched_timesteps
 from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
 from lightning_distill.config.registry import LOSSES, METHODS
@@ -149,17 +149,18 @@ class ProgressiveDistillation(Method):
         earlier = [p for p in self.phases if p.stage == phase.stage and p.end <= phase.start]
         return earlier[-1] if earlier and earlier[-1].kind == "adversarial" else None
 
-    def _renoise_levels(self) -> tuple[int, ...]:
-        """The phase's re-noise timesteps on the teacher's schedule (mapped by SNR from SDXL's, if so set); mapped
-        once per phase, not on every iteration."""
+    def _renoise_levels(self, like: Tensor) -> tuple[int, ...]:
+        """The phase's re-noise timesteps on the teacher's schedule (mapped by SNR from SDXL's, if so set; ``like``:
+        the latents, for a resolution-dependent schedule); mapped once per phase and size, not every iteration."""
         levels = self.phase.options.renoise_timesteps
         if self.config.timestep_reference != "sdxl" or not levels:
             return tuple(levels)
+        key = (self.phase.index, levels, tuple(like.shape[-2:]))
         cached = getattr(self, "_mapped_levels", None)
-        if cached is None or cached[0] != (self.phase.index, levels):
+        if cached is None or cached[0] != key:
             schedule = self.modules["teacher"].schedule
-            mapped = tuple(snr_matched_timesteps(list(levels), NoiseSchedule(NoiseScheduleConfig()), schedule))
-            self._mapped_levels = cached = ((self.phase.index, levels), mapped)
+            mapped = tuple(snr_matched_timesteps(list(levels), NoiseSchedule(), schedule, like))
+            self._mapped_levels = cached = (key, mapped)
         return cached[1]
 
     def artifact(self) -> dict[str, dict[str, Tensor]]:
@@ -209,7 +210,7 @@ class ProgressiveDistillation(Method):
         w0, w1 = torch.tensor(o.renoise_weights, device="cpu"), torch.tensor(o.renoise_weights_end, device="cpu")
         weights = (1 - progress) * w0 + progress * w1
         pick = torch.multinomial(weights.double(), like.shape[0], replacement=True).to(like.device)  # on the CPU
-        t_star = torch.tensor(self._renoise_levels(), device=like.device)[pick]
+        t_star = torch.tensor(self._renoise_levels(like), device=like.device)[pick]
         return {"t_disc": torch.where(t_prev < 0, t_star, t_prev), "renoise": t_prev < 0, "d_noise": torch.randn_like(like)}
 
     def _student_step(self, b: dict) -> Tensor:

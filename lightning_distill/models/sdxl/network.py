@@ -14,36 +14,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.models.noise import NoiseScheduleConfig
+from lightning_distill.config.fields import component
+from lightning_distill.models.noise import NoiseSchedule, Schedule, schedule_from_pretrained
 from lightning_distill.errors import UserError
 from lightning_distill.config.registry import BACKBONES, TEACHERS
 from lightning_distill.models.teacher import PretrainedSource, SamplerTeacher
 from lightning_distill.utils.pretrained import load_pretrained
 from lightning_distill.utils.tensors import DTYPES, Dtype
-
-def scheduler_schedule(pretrained: str, subfolder: str = "scheduler") -> tuple[NoiseScheduleConfig, str] | None:
-    """The noise schedule and prediction type in a pipeline's scheduler config (local folder or hub id), if any."""
-    from diffusers import DDPMScheduler
-
-    try:
-        c = DDPMScheduler.load_config(pretrained, subfolder=subfolder)
-    except (OSError, ValueError):
-        return None
-    if c.get("rescale_betas_zero_snr") or c.get("trained_betas") is not None:
-        raise UserError(
-            f"{pretrained}/{subfolder}: rescale_betas_zero_snr and trained_betas are not supported; "
-            "set method.teacher.noise_schedule explicitly"
-        )
-    return (
-        NoiseScheduleConfig(
-            num_train_timesteps=c.get("num_train_timesteps", 1000),
-            beta_start=c.get("beta_start", 0.00085),
-            beta_end=c.get("beta_end", 0.012),
-            beta_schedule=c.get("beta_schedule", "scaled_linear"),
-        ),
-        c.get("prediction_type", "epsilon"),
-    )
-
 
 class UNetDenoiser(nn.Module):
     """``denoiser(x, t, cond)`` over a diffusers ``UNet2DConditionModel``.
@@ -52,17 +29,20 @@ class UNetDenoiser(nn.Module):
     ``time_ids`` (original size, crop top-left, target size).
     """
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, schedule: Schedule | None = None) -> None:
         super().__init__()
         self.unet = unet
+        self.schedule = schedule
+        """Gives the network's time for our integer timesteps (None: the timestep itself, as for betas)."""
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         added = None
         if getattr(self.unet.config, "addition_embed_type", None) == "text_time":
             added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
         dtype = self.unet.dtype
+        time = self.schedule.model_time(t, x) if self.schedule is not None else t
         out = self.unet(
-            x.to(dtype), t, encoder_hidden_states=cond["text"].to(dtype), added_cond_kwargs=added, return_dict=False
+            x.to(dtype), time, encoder_hidden_states=cond["text"].to(dtype), added_cond_kwargs=added, return_dict=False
         )[0]
         return out.to(x.dtype)
 
@@ -101,7 +81,7 @@ class SDXLTeacher(SamplerTeacher):
         """Weights of the frozen teacher (bfloat16 halves its memory)."""
         prediction: Literal["epsilon", "sample", "v_prediction"] | None = None
         """None: the scheduler config's prediction_type (epsilon for SDXL)."""
-        noise_schedule: NoiseScheduleConfig | None = None
+        noise_schedule: component("noise_schedule") | None = None  # type: ignore[valid-type]
         """None: the scheduler config's betas, else SDXL's."""
 
     def __init__(self, config: Config, *, seed: int = 0, empty: bool = False) -> None:
@@ -115,10 +95,10 @@ class SDXLTeacher(SamplerTeacher):
                 UNet2DConditionModel, config.pretrained, config.subfolder, variant=config.variant,
                 torch_dtype=DTYPES[config.dtype],
             )
-        found = scheduler_schedule(config.pretrained)
-        schedule = config.noise_schedule or (found[0] if found else NoiseScheduleConfig())
+        found = schedule_from_pretrained(config.pretrained)
+        schedule = config.noise_schedule.build() if config.noise_schedule else (found[0] if found else NoiseSchedule())
         prediction = config.prediction or (found[1] if found else "epsilon")
-        super().__init__(UNetDenoiser(unet), prediction=prediction, noise_schedule=schedule)
+        super().__init__(UNetDenoiser(unet, schedule), prediction=prediction, schedule=schedule)
         self.source = PretrainedSource(config.pretrained, config.subfolder, config.variant, config.dtype)
 
     def sampling_scheduler(self, prediction: str) -> Any:
@@ -173,6 +153,7 @@ class UNetEncoder(nn.Module):
             raise UserError(f"backbone 'unet_encoder' needs a diffusers UNet teacher, got {type(denoiser).__name__}")
         unet = denoiser.unet
         self.unet_config = unet.config
+        self.schedule = teacher.schedule
         for name in ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks", "mid_block"):
             part = getattr(unet, name, None)
             setattr(self, name, copy.deepcopy(part) if part is not None else None)
@@ -183,7 +164,8 @@ class UNetEncoder(nn.Module):
         dtype = self.conv_in.weight.dtype
         x = x.to(dtype)
         text = cond["text"].to(dtype)
-        emb = self.time_embedding(self.time_proj(t.expand(x.shape[0])).to(dtype))
+        time = self.schedule.model_time(t, x)
+        emb = self.time_embedding(self.time_proj(time.expand(x.shape[0])).to(dtype))
         if self.add_embedding is not None and self.unet_config.addition_embed_type == "text_time":
             time_embeds = self.add_time_proj(cond["time_ids"].flatten()).reshape(x.shape[0], -1)
             emb = emb + self.add_embedding(torch.cat([cond["pooled"], time_embeds], dim=-1).to(dtype))

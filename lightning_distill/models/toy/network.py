@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_distill.models.noise import NoiseScheduleConfig
+from lightning_distill.config.fields import component
+from lightning_distill.models.noise import Prediction
 from lightning_distill.errors import UserError
 from lightning_distill.config.registry import BACKBONES, TEACHERS
 from lightning_distill.models.teacher import SamplerTeacher
@@ -93,8 +94,8 @@ class ToyTeacher(SamplerTeacher):
         net: ToyNetConfig = field(default_factory=ToyNetConfig)
         weights: str | None = None
         """A safetensors state dict of the denoiser; None: random weights from the run's seed."""
-        prediction: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
-        noise_schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+        prediction: Prediction = "epsilon"
+        noise_schedule: component("noise_schedule") = field(default_factory=lambda: {"name": "discrete"})  # type: ignore[valid-type]
 
     def __init__(self, config: Config, *, seed: int = 0, empty: bool = False) -> None:
         with torch.random.fork_rng():
@@ -104,7 +105,7 @@ class ToyTeacher(SamplerTeacher):
             from safetensors.torch import load_file
 
             net.load_state_dict(load_file(config.weights))
-        super().__init__(net, prediction=config.prediction, noise_schedule=config.noise_schedule)
+        super().__init__(net, prediction=config.prediction, schedule=config.noise_schedule.build())
 
 
 @BACKBONES.register("toy")

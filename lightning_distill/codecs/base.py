@@ -58,6 +58,14 @@ def prompt_conditioning(codec: Codec, prompts: list[str], height: int, width: in
     return codec.caption_conditioning(list(prompts), height, width, device)
 
 
+def null_conditioning(codec: Codec, height: int, width: int, device: Any) -> dict[str, Tensor] | None:
+    """Classifier-free guidance's unconditional input, one row: the empty caption's encoding for codecs whose
+    pipeline encodes it (``zero_null = False``), else None (zero embeddings)."""
+    if codec.zero_null or not codec.has_text:
+        return None
+    return codec.caption_conditioning([""], height, width, device)
+
+
 def batch_conditioning(batch: dict[str, Any], codec: Codec) -> dict[str, Tensor]:
     """The network's conditioning for a batch: its entries that are not images or captions, plus the encoded
     captions (with the batch's own ``time_ids`` when it has them)."""

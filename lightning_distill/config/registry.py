@@ -213,7 +213,7 @@ BUILTIN_MODULES = tuple(
         "eval.metrics",
         "methods.diffusion.method", "methods.diffusion.schedule", "methods.lightning.ladder", "methods.lightning.method",
         "models.adapters", "models.discriminator", "models.losses", "models.noise", "models.optim", "models.student",
-        "models.sdxl.network", "models.toy.network",
+        "models.flux.network", "models.sd3.network", "models.sdxl.network", "models.toy.network", "models.transformer",
         "worlds.shapes.features", "worlds.shapes.world",
     )
 )

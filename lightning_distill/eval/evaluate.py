@@ -99,6 +99,7 @@ def evaluate_run(
 
     codec = recipe.codec.build().to(device)
     cond = prompt_conditioning(codec, prompts, *real.shape[-2:], device)
+    null = null_conditioning(codec, *real.shape[-2:], device)
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(config.seed))
     features = config.features.build().to(device)
     metrics = [(m.name, m.build()) for m in config.metrics]
@@ -107,7 +108,7 @@ def evaluate_run(
         model.denoiser.to(device)
         out = []
         for s in _chunks(len(prompts), config.batch_size):
-            x = model.sample(noise[s].to(device), {k: v[s] for k, v in cond.items()}, steps, guidance)
+            x = model.sample(noise[s].to(device), {k: v[s] for k, v in cond.items()}, steps, guidance, null)
             out.append(to_unit(codec.decode(x)))
         return torch.cat(out)
 

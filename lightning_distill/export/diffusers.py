@@ -1,8 +1,10 @@
 """``export``: a finished phase of a run as files the diffusers and ComfyUI ecosystems load.
 
-- ``diffusers``: ``unet/`` (``UNet2DConditionModel.from_pretrained``), ``scheduler/`` (Euler, trailing spacing,
-  the student's prediction type), ``README.md`` (a model card: recipe, steps, how to sample),
-  ``lightning_distill.json`` (the base model, steps and prediction, for ``lightning-distill sample``).
+- ``diffusers``: the network's folder of its family's pipeline (``unet/`` for SD1.5/SDXL, ``transformer/`` for
+  SD3/Flux; ``from_pretrained``), ``scheduler/`` (UNets: Euler, trailing spacing, the student's prediction type;
+  flow models: ``FlowMatchEulerDiscreteScheduler`` with the base's shift, sampled with the ``sigmas`` the card
+  gives), ``README.md`` (a model card: recipe, steps, how to sample), ``lightning_distill.json`` (the base model,
+  pipeline, steps, prediction and sigmas, for ``lightning-distill sample``).
 - ``lora``: ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights`` + ``pipe.fuse_lora``: the
   difference between the distilled and the base UNet on the LoRA-targeted layers, factored to ``rank`` by SVD
   (exact when the difference has at most that rank, as after LoRA-only training).
@@ -22,6 +24,7 @@ from lightning_distill.errors import UserError
 from lightning_distill.utils.files import replace_folder
 from lightning_distill.engine.runfolder import RunFolder
 from lightning_distill.export.lora import LORA_FILE, extract_lora, to_comfyui
+from lightning_distill.models.noise import trailing_sigmas
 from lightning_distill.utils.tensors import DTYPES
 
 log = logging.getLogger(__name__)
@@ -58,11 +61,14 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
         raise UserError(f"{run_dir} trained a model from scratch (method {run.recipe.method.name}); export it with --format diffusers")
     facts = model.facts
     meta = {"base": model.base, "phase": phase.name, "stage": facts.stage, "steps": facts.steps,
-            "prediction": facts.prediction, "format": fmt, "run": str(run_dir.resolve())}
+            "prediction": facts.prediction, "format": fmt, "run": str(run_dir.resolve()),
+            "pipeline": model.pipeline, "network_class": type(model.network).__name__,
+            "network_folder": model.network_folder, "guidance": model.embedded_guidance,
+            "sigmas": trailing_sigmas(facts.steps, model.schedule.T) if facts.prediction == "flow" and facts.steps else None}
 
     def write(tmp: Path) -> None:
         if fmt == "diffusers":
-            model.network.to(DTYPES[model.export_dtype]).save_pretrained(tmp / "unet")
+            model.network.to(DTYPES[model.export_dtype]).save_pretrained(tmp / model.network_folder)
             model.scheduler().save_pretrained(tmp / "scheduler")
         else:
             lora, info = extract_lora(model, rank)
@@ -77,24 +83,33 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
 
 
 def model_card(meta: dict[str, Any], recipe: str) -> str:
-    steps, pred = meta["steps"], meta["prediction"]
-    sched = f'EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", prediction_type="{pred}")'
-    if meta["format"] == "diffusers":
-        load = (
-            f'unet = UNet2DConditionModel.from_pretrained("THIS_FOLDER", subfolder="unet")\n'
-            f'pipe = StableDiffusionXLPipeline.from_pretrained("{meta["base"]}", unet=unet)'
-        )
+    steps, pred, folder = meta["steps"], meta["prediction"], meta.get("network_folder", "unet")
+    pipeline, network = meta.get("pipeline") or "StableDiffusionXLPipeline", meta.get("network_class", "UNet2DConditionModel")
+    flow = pred == "flow"
+    if flow:
+        scheduler, imports = "", f"{network}, {pipeline}"
+        how = (f"{steps} steps, flow-matching Euler on the base's shift, at the sigmas below (our trailing steps; "
+               "the pipelines' default grid differs)")
+        guidance = meta.get("guidance") or 0
+        call = (f'image = pipe("a photo of a cat", num_inference_steps={steps}, sigmas={meta["sigmas"]}, '
+                f'guidance_scale={guidance}).images[0]')
     else:
-        load = (
-            f'pipe = StableDiffusionXLPipeline.from_pretrained("{meta["base"]}")\n'
-            f'pipe.load_lora_weights("THIS_FOLDER", weight_name="{LORA_FILE}")\npipe.fuse_lora()'
-        )
-    comfy = (
-        "\nComfyUI: put the LoRA file in `models/loras`, load it with *LoraLoader*, and sample with KSampler "
-        f"(sampler `euler`, scheduler `sgm_uniform`, {steps} steps, CFG 1).\n"
-        if meta["format"] == "comfyui"
-        else ""
-    )
+        scheduler = (f'pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, '
+                     f'timestep_spacing="trailing", prediction_type="{pred}")\n')
+        imports = f"EulerDiscreteScheduler, {network}, {pipeline}"
+        how = f"{steps} steps, Euler with **trailing** timestep spacing, **no** classifier-free guidance"
+        call = f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0).images[0]'
+    if meta["format"] == "diffusers":
+        load = (f'{folder} = {network}.from_pretrained("THIS_FOLDER", subfolder="{folder}")\n'
+                f'pipe = {pipeline}.from_pretrained("{meta["base"]}", {folder}={folder})')
+    else:
+        load = (f'pipe = {pipeline}.from_pretrained("{meta["base"]}")\n'
+                f'pipe.load_lora_weights("THIS_FOLDER", weight_name="{LORA_FILE}")\npipe.fuse_lora()')
+    comfy = ""
+    if meta["format"] == "comfyui":
+        sampler = "euler, scheduler simple" if flow else "euler, scheduler sgm_uniform"
+        comfy = (f"\nComfyUI: put the LoRA file in `models/loras`, load it with *LoraLoader*, and sample with KSampler "
+                 f"(sampler {sampler}, {steps} steps, CFG 1).\n")
     return f"""# {meta['phase']} — a {steps}-step model distilled with lightning-distill
 
 Distilled from `{meta['base']}` by progressive adversarial diffusion distillation (SDXL-Lightning,
@@ -102,15 +117,14 @@ arXiv 2402.13929); phase `{meta['phase']}` of stage `{meta['stage']}`, predictio
 
 ## Sampling
 
-{steps} steps, Euler with **trailing** timestep spacing, **no** classifier-free guidance:
+{how}:
 
 ```python
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import {imports}
 
 {load}
-pipe.scheduler = {sched}
-image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0).images[0]
+{scheduler}{call}
 ```
 {comfy}
 ## Recipe

@@ -32,14 +32,14 @@ def lora_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
 
 
 def extract_lora(model: PhaseModel, rank: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """peft-format LoRA (``unet.NAME.lora_A.weight``/``lora_B``) of the phase's network − its base network, on the
+    """peft-format LoRA (``unet.NAME.lora_A.weight``/``lora_B``; ``transformer.`` for transformers) of the phase's network − its base network, on the
     run's LoRA targets (the LCM-LoRA rule unless the run's adapter says otherwise)."""
-    from lightning_distill.models.adapters import LoRA
+    from lightning_distill.models.adapters import UNET_LORA_EXCLUDE, LoRA
 
     assert model.network is not None and model.base_network is not None
     trained = model.network.state_dict()
     base = model.base_network()
-    exclude = model.lora_exclude if model.lora_exclude is not None else LoRA.Config().exclude
+    exclude = model.lora_exclude if model.lora_exclude is not None else UNET_LORA_EXCLUDE
     targets = LoRA(LoRA.Config(rank=rank, exclude=exclude)).targets(base)
     base_state = base.state_dict()
     lora: dict[str, Tensor] = {}
@@ -53,8 +53,8 @@ def extract_lora(model: PhaseModel, rank: int) -> tuple[dict[str, Tensor], dict[
                 continue
             a, b, err = lora_factors(delta, rank)
             name = key[: -len(".weight")]
-            lora[f"unet.{name}.lora_A.weight"] = a
-            lora[f"unet.{name}.lora_B.weight"] = b
+            lora[f"{model.network_folder}.{name}.lora_A.weight"] = a
+            lora[f"{model.network_folder}.{name}.lora_B.weight"] = b
             errors.append(err)
         else:
             untouched = max(untouched, float((new - value.float()).abs().max()))
@@ -79,11 +79,13 @@ def extract_lora(model: PhaseModel, rank: int) -> tuple[dict[str, Tensor], dict[
 
 
 def to_comfyui(lora: dict[str, Tensor]) -> dict[str, Tensor]:
-    """kohya/ComfyUI names: ``lora_unet_<path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha``."""
+    """kohya/ComfyUI names: ``lora_unet_<path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha``
+    for UNets; ``lora_transformer_<diffusers path with _>`` for transformers (ComfyUI maps diffusers names)."""
     out: dict[str, Tensor] = {}
     for key, value in lora.items():
-        name, kind = key[len("unet.") :].rsplit(".lora_", 1)
-        base = "lora_unet_" + name.replace(".", "_")
+        folder, rest = key.split(".", 1)
+        name, kind = rest.rsplit(".lora_", 1)
+        base = f"lora_{folder}_" + name.replace(".", "_")
         if kind == "A.weight":
             out[f"{base}.lora_down.weight"] = value
             out[f"{base}.alpha"] = torch.tensor(float(value.shape[0]))  # alpha = rank: scale 1

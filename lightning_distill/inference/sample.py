@@ -51,8 +51,9 @@ def sample_run(
 
 def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = None, seed: int = 0,
                     size: int = 1024, base: str | None = None) -> Tensor:
-    """Images from an ``export`` folder through diffusers' ``StableDiffusionXLPipeline``."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    """Images from an ``export`` folder through its family's diffusers pipeline (``StableDiffusionXLPipeline``,
+    ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``)."""
+    import diffusers
 
     meta_file = Path(model_dir) / "lightning_distill.json"
     if not meta_file.is_file():
@@ -61,21 +62,33 @@ def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = Non
     if not prompts:
         raise UserError("give at least one --prompt")
     base = base or meta["base"]
+    pipeline = getattr(diffusers, meta.get("pipeline") or "StableDiffusionXLPipeline")
+    folder = meta.get("network_folder", "unet")
+    steps = steps or meta["steps"]
+    flow = meta["prediction"] == "flow"
     if meta["format"] == "diffusers":
-        unet = UNet2DConditionModel.from_pretrained(str(Path(model_dir) / "unet"))
-        pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=unet)
-        pipe.scheduler = EulerDiscreteScheduler.from_pretrained(str(Path(model_dir) / "scheduler"))
+        network = getattr(diffusers, meta.get("network_class", "UNet2DConditionModel"))
+        pipe = pipeline.from_pretrained(base, **{folder: network.from_pretrained(str(Path(model_dir) / folder))})
+        scheduler_dir = Path(model_dir) / "scheduler"
+        scheduler_class = getattr(diffusers, json.loads((scheduler_dir / "scheduler_config.json").read_text())["_class_name"])
+        pipe.scheduler = scheduler_class.from_pretrained(str(scheduler_dir))
     else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base)
+        pipe = pipeline.from_pretrained(base)
         pipe.load_lora_weights(str(model_dir), weight_name=LORA_FILE)
         pipe.fuse_lora()
-        from lightning_distill.models.sdxl.network import lightning_scheduler
+        if not flow:
+            from lightning_distill.models.sdxl.network import lightning_scheduler
 
-        pipe.scheduler = lightning_scheduler(pipe.scheduler.config, meta["prediction"])
+            pipe.scheduler = lightning_scheduler(pipe.scheduler.config, meta["prediction"])
     pipe.set_progress_bar_config(disable=True)
     pipe.to(_device())
-    out = pipe(prompt=prompts, num_inference_steps=steps or meta["steps"], guidance_scale=0.0, height=size,
-               width=size, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    extra = {}
+    if flow:
+        from lightning_distill.models.noise import trailing_sigmas
+
+        extra["sigmas"] = trailing_sigmas(steps, pipe.scheduler.config.num_train_timesteps)
+    out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=meta.get("guidance") or 0.0, height=size,
+               width=size, generator=torch.Generator().manual_seed(seed), output_type="pt", **extra)
     return out.images.float().cpu()
 
 

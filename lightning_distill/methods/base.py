@@ -118,18 +118,27 @@ class PhaseModel:
     lora_exclude: list[str] | None = None
     """The layers a LoRA export leaves out (the run's own adapter rule)."""
     export_dtype: str = "float32"
+    pipeline: str | None = None
+    """The diffusers pipeline class an export plugs into (``StableDiffusionXLPipeline``, ``FluxPipeline``, ...)."""
+    network_folder: str = "unet"
+    """The network's folder in that pipeline, and the LoRA key prefix: ``unet`` or ``transformer``."""
+    embedded_guidance: float = 0.0
+    """The guidance value a guidance-distilled network is given (the pipeline's ``guidance_scale`` for Flux)."""
 
     @torch.no_grad()
-    def sample(self, noise: Tensor, cond: dict[str, Tensor], steps: int | None = None, guidance: float = 0.0) -> Tensor:
+    def sample(self, noise: Tensor, cond: dict[str, Tensor], steps: int | None = None, guidance: float = 0.0,
+               null: dict[str, Tensor] | None = None) -> Tensor:
         """Clean latents from ``noise`` (drawn as diffusers draws it) in ``steps`` (default: the phase's) Euler
-        steps on trailing timesteps, with classifier-free guidance when ``guidance > 1``."""
+        steps on trailing timesteps, with classifier-free guidance when ``guidance > 1`` (``null``: the
+        unconditional input, see :func:`~lightning_distill.models.teacher.null_cond`)."""
         from lightning_distill.inference.sampler import sample_latents
         from lightning_distill.models.teacher import guided
 
         steps = steps or self.facts.steps
         if steps is None:
             raise ValueError(f"{self.facts.stage}: give the number of sampling steps")
-        return sample_latents(guided(self.denoiser, guidance), self.schedule, self.facts.prediction, noise, cond, steps)
+        return sample_latents(guided(self.denoiser, guidance, null), self.schedule, self.facts.prediction, noise, cond,
+                              steps)
 
 
 class Method:

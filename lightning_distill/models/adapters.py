@@ -11,6 +11,10 @@ from torch import Tensor, nn
 from lightning_distill.config.registry import ADAPTERS
 
 
+UNET_LORA_EXCLUDE = ["conv_in", "conv_out", "time_embedding", "add_embedding"]
+"""LCM-LoRA's rule for UNets."""
+
+
 @ADAPTERS.register("full")
 class Full:
     """Every parameter trains."""
@@ -31,8 +35,9 @@ class Full:
 
 @ADAPTERS.register("lora")
 class LoRA:
-    """LoRA on every ``nn.Linear`` and ``nn.Conv2d`` except excluded ones (LCM-LoRA's rule by default: not the
-    input/output convs, not the shared time and added embeddings); the base weights are frozen.
+    """LoRA on every ``nn.Linear`` and ``nn.Conv2d`` except excluded ones, the base weights frozen. The network
+    declares its rule (``lora_exclude``): for UNets LCM-LoRA's (not the input/output convs, not the shared time
+    and added embeddings), for transformers the attention and MLP linears only.
 
     ``merge_state`` folds ``W + (alpha / rank) B A`` into plain weights with the original key names, so the
     next phase (or the next stage's teacher) loads a plain network.
@@ -44,19 +49,39 @@ class LoRA:
         alpha: float | None = None
         """Scale numerator; None: equal to rank (scale 1)."""
         dropout: float = 0.0
-        exclude: list[str] = field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding", "add_embedding"])
-        """Module names (any dotted component) left without LoRA."""
+        exclude: list[str] | None = None
+        """Module names left without LoRA: a name matches any dotted component, ``^name`` only from the network's
+        top. None: the network's own rule (UNets: conv_in, conv_out, time_embedding, add_embedding)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    def exclusions(self, module: nn.Module) -> list[str]:
+        """The rule in force for ``module``: the recipe's, else the network's, else the UNet rule."""
+        if self.config.exclude is not None:
+            return list(self.config.exclude)
+        return list(getattr(module, "lora_exclude", UNET_LORA_EXCLUDE))
+
     def targets(self, module: nn.Module) -> list[str]:
-        excluded = set(self.config.exclude)
-        return [
-            name
-            for name, m in module.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and name and not excluded.intersection(name.split("."))
-        ]
+        """Names of the targeted layers. On a denoiser wrapper (one with a ``network``) names are matched
+        relative to that network and returned with the wrapper's prefix (``unet.``, ``transformer.``)."""
+        exclude = self.exclusions(module)
+        top = {e[1:] for e in exclude if e.startswith("^")}
+        anywhere = {e for e in exclude if not e.startswith("^")}
+        network, prefix = module, ""
+        inner = getattr(module, "network", None)
+        if isinstance(inner, nn.Module) and inner is not module:
+            prefix = next(n for n, m in module.named_children() if m is inner) + "."
+            network = inner
+        found = []
+        for name, m in network.named_modules():
+            if not name or not isinstance(m, (nn.Linear, nn.Conv2d)):
+                continue
+            parts = name.split(".")
+            if anywhere.intersection(parts) or any(name == t or name.startswith(t + ".") for t in top):
+                continue
+            found.append(prefix + name)
+        return found
 
     def apply(self, module: nn.Module) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model

@@ -250,6 +250,13 @@ class FlowMatchSchedule(Schedule):
             raise ValueError("prediction 'v_prediction' needs a discrete schedule; flow_match networks predict 'flow'")
 
 
+def trailing_sigmas(n: int, T: int = 1000) -> list[float]:
+    """The unshifted sigmas ``(t + 1) / T`` of our ``n`` trailing timesteps: what a flow pipeline is given as
+    ``sigmas=`` to take exactly our steps (``linspace(1, 1/n, n)`` when ``n`` divides ``T``)."""
+    ts = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long()
+    return [float(t) / T for t in ts]
+
+
 def snr_matched_timesteps(
     timesteps: list[int], reference: Schedule, target: Schedule, like: Tensor | None = None
 ) -> list[int]:

@@ -12,20 +12,24 @@ from lightning_distill.errors import UserError
 from lightning_distill.models.noise import Prediction, Schedule
 
 
-def null_cond(cond: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The unconditional input for guidance: zero text embeddings (SDXL's ``force_zeros_for_empty_prompt``).
-    Entries that are not text (``time_ids``) are kept."""
+def null_cond(cond: dict[str, Tensor], null: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The unconditional input for guidance: ``null`` (the empty caption's encoding, one row, for codecs whose
+    pipeline encodes it: SD1.5, SD3) broadcast to the batch, else zero text embeddings (SDXL's
+    ``force_zeros_for_empty_prompt``). Entries that are not text (``time_ids``) are kept."""
+    if null is not None:
+        return {k: (null[k].to(v).expand_as(v) if k in null and k != "time_ids" else v) for k, v in cond.items()}
     return {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
 
 
-def guided(denoiser: Any, scale: float) -> Any:
+def guided(denoiser: Any, scale: float, null: dict[str, Tensor] | None = None) -> Any:
     """``denoiser`` with classifier-free guidance at ``scale`` (> 1; otherwise ``denoiser`` itself): one batched
-    call on the null and the real conditioning, ``out_u + scale (out_c - out_u)``."""
+    call on the null (see :func:`null_cond`) and the real conditioning, ``out_u + scale (out_c - out_u)``."""
     if scale <= 1.0:
         return denoiser
 
     def run(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        both = {k: torch.cat([null_cond({k: v})[k], v]) for k, v in cond.items()}
+        uncond = null_cond(cond, null)
+        both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
         out_u, out_c = denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return out_u + scale * (out_c - out_u)
 
@@ -66,6 +70,12 @@ class SamplerTeacher(nn.Module):
 
     source: PretrainedSource | None = None
     """The diffusers folder or hub id the network came from; None: built by code (no export format)."""
+    pipeline_class: str | None = None
+    """The diffusers pipeline its exports plug into (e.g. ``StableDiffusionXLPipeline``)."""
+    network_folder: str = "unet"
+    """The pipeline's folder (and LoRA key prefix) of the network: ``unet`` or ``transformer``."""
+    embedded_guidance: float = 0.0
+    """The guidance value a guidance-distilled network (Flux) is always given; the pipeline's guidance_scale."""
 
     def sampling_scheduler(self, prediction: str) -> Any:
         """The diffusers scheduler that samples this network's students (export writes its config)."""
@@ -78,13 +88,18 @@ class SamplerTeacher(nn.Module):
         units = getattr(self.denoiser, "fsdp_units", None)
         return units() if units else []
 
-    def predict(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float = 0.0) -> tuple[Tensor, Tensor]:
-        """``(x0, ε)`` at ``t``, with classifier-free guidance when ``guidance > 1``."""
-        out = guided(self.denoiser, guidance)(x, t, cond)
+    def predict(
+        self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float = 0.0, null: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(x0, ε)`` at ``t``, with classifier-free guidance when ``guidance > 1`` (``null``: see ``null_cond``)."""
+        out = guided(self.denoiser, guidance, null)(x, t, cond)
         return self.schedule.split(out.to(x.dtype), x, t, self.prediction)
 
     @torch.no_grad()
-    def forward(self, x: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance: float = 0.0) -> Tensor:
+    def forward(
+        self, x: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance: float = 0.0,
+        null: dict[str, Tensor] | None = None,
+    ) -> Tensor:
         """Solve from ``timesteps[:, 0]`` to ``timesteps[:, -1]`` through each column (``-1``: clean).
 
         Args:
@@ -93,6 +108,6 @@ class SamplerTeacher(nn.Module):
         """
         with torch.inference_mode(not torch.compiler.is_compiling()):  # compiled code: no_grad alone
             for i in range(timesteps.shape[1] - 1):
-                x0, eps = self.predict(x, timesteps[:, i], cond, guidance)
+                x0, eps = self.predict(x, timesteps[:, i], cond, guidance, null)
                 x = self.schedule.step(x0, eps, timesteps[:, i + 1])
         return x.clone()  # outside inference mode: a normal tensor, usable as a target in autograd

@@ -24,7 +24,8 @@ from lightning_distill.models.noise import NoiseSchedule, snr_matched_timesteps
 from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
 from lightning_distill.config.registry import LOSSES, METHODS
-from lightning_distill.codecs.base import batch_conditioning, batch_latents
+from lightning_distill.codecs.base import batch_conditioning, batch_latents, null_conditioning
+from lightning_distill.models.adapters import LoRA
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +198,21 @@ class ProgressiveDistillation(Method):
             # One solver step to t = -1 (ᾱ = 1) is exactly that x0, and goes through forward (FSDP2 hooks it).
             target = teacher(x_t, torch.stack([t, torch.full_like(t, -1)], dim=1), cond, 0.0)
         else:
-            target = teacher(x_t, path, cond, o.guidance)
+            target = teacher(x_t, path, cond, o.guidance, self._null(latents) if o.guidance > 1 else None)
         prepared = {"x_t": x_t, "t": t, "t_prev": t_prev, "target": target, "cond": cond}
         if o.renoise_timesteps and self.phase.kind == "adversarial":
             prepared.update(self._renoise_plan(t_prev, latents, step))
         return prepared
+
+    def _null(self, latents: Tensor) -> dict[str, Tensor] | None:
+        """Guidance's unconditional input for the codec (None: zeros), encoded once per image size."""
+        f = self.codec.scale_factor
+        key = (tuple(latents.shape[-2:]), latents.device)
+        cached = getattr(self, "_null_cache", None)
+        if cached is None or cached[0] != key:
+            h, w = (f * s for s in latents.shape[-2:])
+            self._null_cache = cached = (key, null_conditioning(self.codec, h, w, latents.device))
+        return cached[1]
 
     def _renoise_plan(self, t_prev: Tensor, like: Tensor, step: int) -> dict[str, Tensor]:
         """Where the target is clean, a timestep t* (weights moving linearly over the phase) and shared noise."""
@@ -265,7 +276,11 @@ class ProgressiveDistillation(Method):
             prediction = facts.prediction
         else:
             facts = PhaseFacts("teacher", "base", prediction)
-        exclude = {tuple(p.options.adapter.config.exclude) for p in self.phases if p.options.adapter.name == "lora"}
+        rules = {tuple(p.options.adapter.build().exclusions(teacher.denoiser))
+                 for p in self.phases if p.options.adapter.name == "lora"}
+        if not rules:  # a full-weights run: a LoRA export targets the network's own rule
+            rules = {tuple(LoRA(LoRA.Config()).exclusions(teacher.denoiser))}
+        exclude = set.intersection(*(set(r) for r in rules))  # several rules: every layer any of them trained
 
         def base_network() -> nn.Module:  # rounded through the teacher's dtype, as the student's start was
             return self.config.teacher.build(seed=self.seed).denoiser.network.float()
@@ -279,7 +294,10 @@ class ProgressiveDistillation(Method):
             scheduler=(lambda: teacher.sampling_scheduler(prediction)) if teacher.source is not None else None,
             base=teacher.source.pretrained if teacher.source is not None else None,
             base_network=base_network,
-            lora_exclude=list(next(iter(exclude))) if len(exclude) == 1 else None,
+            lora_exclude=sorted(exclude),
+            pipeline=teacher.pipeline_class,
+            network_folder=teacher.network_folder,
+            embedded_guidance=teacher.embedded_guidance,
         )
 
     def _current_model(self) -> PhaseModel:

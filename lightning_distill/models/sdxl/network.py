@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_distill.config.fields import component
 from lightning_distill.models.noise import NoiseSchedule, Schedule, schedule_from_pretrained
 from lightning_distill.errors import UserError
+from lightning_distill.models.adapters import UNET_LORA_EXCLUDE
 from lightning_distill.config.registry import BACKBONES, TEACHERS
 from lightning_distill.models.teacher import PretrainedSource, SamplerTeacher
 from lightning_distill.utils.pretrained import load_pretrained
@@ -45,6 +46,8 @@ class UNetDenoiser(nn.Module):
             x.to(dtype), time, encoder_hidden_states=cond["text"].to(dtype), added_cond_kwargs=added, return_dict=False
         )[0]
         return out.to(x.dtype)
+
+    lora_exclude = UNET_LORA_EXCLUDE
 
     @property
     def in_channels(self) -> int:
@@ -100,6 +103,8 @@ class SDXLTeacher(SamplerTeacher):
         prediction = config.prediction or (found[1] if found else "epsilon")
         super().__init__(UNetDenoiser(unet, schedule), prediction=prediction, schedule=schedule)
         self.source = PretrainedSource(config.pretrained, config.subfolder, config.variant, config.dtype)
+        sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        self.pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
 
     def sampling_scheduler(self, prediction: str) -> Any:
         """Euler with trailing spacing and the student's prediction type, on the folder's schedule (SDXL's when

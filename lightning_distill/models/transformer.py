@@ -1,0 +1,167 @@
+"""What the flow-matching transformer families share: a teacher loaded from a diffusers folder, and the
+discriminator backbone made of the first blocks of the teacher's transformer (the paper's design carried over).
+
+A family (``models/sd3``, ``models/flux``) supplies a denoiser wrapping its diffusers network with
+``forward(x, t, cond)`` and ``tokens(x, t, cond, blocks)`` (image tokens after the first ``blocks`` blocks, as a
+``[B, D, h, w]`` map).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_distill.config.fields import component
+from lightning_distill.config.registry import BACKBONES
+from lightning_distill.errors import UserError
+from lightning_distill.models.noise import FlowMatchConfig, FlowMatchSchedule, Schedule, schedule_from_pretrained
+from lightning_distill.models.teacher import PretrainedSource, SamplerTeacher
+from lightning_distill.utils.pretrained import load_pretrained
+from lightning_distill.utils.tensors import DTYPES, Dtype
+
+TRANSFORMER_LORA_EXCLUDE = ["pos_embed", "x_embedder", "time_text_embed", "context_embedder", "norm_out", "norm1",
+                            "norm1_context", "norm", "^proj_out"]
+"""LoRA on attention and MLP linears only: not the embedders, the adaptive-norm modulations or the final
+projection (``^``: from the network's top, so the single blocks' ``proj_out`` keeps its LoRA)."""
+
+
+class TransformerDenoiser(nn.Module):
+    """Base of the transformer denoisers: the diffusers network as ``transformer``, the schedule that gives its
+    time, and what LoRA, FSDP2 and gradient checkpointing need."""
+
+    lora_exclude = TRANSFORMER_LORA_EXCLUDE
+
+    def __init__(self, transformer: nn.Module, schedule: Schedule) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.schedule = schedule
+
+    @property
+    def network(self) -> nn.Module:
+        """The diffusers network, as ``export`` saves it."""
+        return self.transformer
+
+    def block_lists(self) -> list[nn.ModuleList]:
+        return [self.transformer.transformer_blocks]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [b for blocks in self.block_lists() for b in blocks]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def tokens(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], blocks: int, checkpoint: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def run_block(block: nn.Module, checkpoint: bool, *args: Any) -> Any:
+        if checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint as recompute
+
+            return recompute(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+@dataclass(kw_only=True)
+class TransformerTeacherConfig:
+    pretrained: str
+    """Local pipeline folder or hub id (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev)."""
+    subfolder: str = "transformer"
+    variant: str | None = None
+    dtype: Dtype = "float32"
+    """Weights of the frozen teacher (bfloat16 halves its memory)."""
+    noise_schedule: component("noise_schedule") | None = None  # type: ignore[valid-type]
+    """None: the folder's scheduler config (flow matching with its shift), else the family's default."""
+
+
+class TransformerTeacher(SamplerTeacher):
+    """A frozen diffusers transformer of a flow-matching family with the Euler sampler (prediction ``flow``)."""
+
+    network_class: str
+    """The diffusers class of the network (``SD3Transformer2DModel``, ``FluxTransformer2DModel``)."""
+    network_folder = "transformer"
+    default_schedule = FlowMatchConfig(shift=3.0)
+
+    def __init__(self, config: TransformerTeacherConfig, *, seed: int = 0, empty: bool = False) -> None:
+        import diffusers
+
+        cls = getattr(diffusers, self.network_class)
+        if empty:  # the architecture alone, on the meta device (the caller's context): no weights read
+            net = cls.from_config(cls.load_config(config.pretrained, subfolder=config.subfolder)).to(DTYPES[config.dtype])
+        else:
+            net = load_pretrained(cls, config.pretrained, config.subfolder, variant=config.variant,
+                                  torch_dtype=DTYPES[config.dtype])
+        found = schedule_from_pretrained(config.pretrained)
+        if config.noise_schedule is not None:
+            schedule = config.noise_schedule.build()
+        else:
+            schedule = found[0] if found else FlowMatchSchedule(self.default_schedule)
+        if not isinstance(schedule, FlowMatchSchedule):
+            raise UserError(f"method.teacher: {self.network_class} is a flow-matching network; its noise_schedule "
+                            f"must be flow_match (found {type(schedule).__name__} in {config.pretrained}/scheduler)")
+        super().__init__(self.make_denoiser(net, schedule, config), prediction="flow", schedule=schedule)
+        self.source = PretrainedSource(config.pretrained, config.subfolder, config.variant, config.dtype)
+
+    def make_denoiser(self, net: nn.Module, schedule: Schedule, config: Any) -> TransformerDenoiser:
+        raise NotImplementedError
+
+    def sampling_scheduler(self, prediction: str) -> Any:
+        """The folder's ``FlowMatchEulerDiscreteScheduler`` (its shift), or one of this schedule; the pipelines
+        sample our trailing steps with ``sigmas = linspace(1, 1/n, n)``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if prediction != "flow":
+            raise UserError(f"a {self.network_class} student predicts 'flow'; it cannot be exported as {prediction!r}")
+        folder = Path(self.source.pretrained).expanduser() / "scheduler"
+        if folder.is_dir():
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder))
+        return self.schedule.scheduler()
+
+
+@BACKBONES.register("transformer_blocks")
+class TransformerBlocks(nn.Module):
+    """A trainable copy of the teacher transformer's embedders and first ``blocks`` blocks (SDXL-Lightning's
+    encoder-as-discriminator carried over to transformers). Its image tokens, text tokens stripped, are reshaped
+    to a ``[B, D, h, w]`` map for the conv head."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        blocks: int | None = None
+        """How many of the first blocks (None: half of the joint blocks, at least one)."""
+        dtype: Dtype = "float32"
+        gradient_checkpointing: bool = False
+
+    def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
+        super().__init__()
+        if not isinstance(teacher.denoiser, TransformerDenoiser):
+            raise UserError(f"backbone 'transformer_blocks' needs a transformer teacher (sd3, flux), got "
+                            f"{type(teacher.denoiser).__name__}; use unet_encoder for UNets")
+        joint = len(teacher.denoiser.block_lists()[0])
+        limit = joint - 1 if joint > 1 else joint  # SD3's last joint block has no text output
+        self.blocks = config.blocks if config.blocks is not None else max(1, joint // 2)
+        if not 1 <= self.blocks <= limit:
+            raise UserError(f"method.discriminator.backbone.blocks: choose 1 to {limit} (the teacher has {joint} joint "
+                            f"blocks), got {self.blocks}")
+        self.checkpointing = config.gradient_checkpointing
+        self.denoiser = copy.deepcopy(teacher.denoiser)
+        net = self.denoiser.transformer
+        net.transformer_blocks = nn.ModuleList(list(net.transformer_blocks)[: self.blocks])
+        for name in ("single_transformer_blocks",):
+            if hasattr(net, name):
+                setattr(net, name, nn.ModuleList())
+        for name in ("norm_out", "proj_out"):  # the output layers are never used here
+            if hasattr(net, name):
+                setattr(net, name, nn.Identity())
+        self.to(DTYPES[config.dtype]).requires_grad_(True).train()
+        self.out_channels = int(net.config.num_attention_heads * net.config.attention_head_dim)
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self.denoiser.tokens(x, t, cond, self.blocks, self.checkpointing)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.denoiser.transformer.transformer_blocks)

@@ -43,3 +43,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _tiny_family(tmp_path_factory, name: str):
+    sys.path.insert(0, str(HELPERS))
+    from tiny_families import MAKERS
+
+    return MAKERS[name](tmp_path_factory.mktemp(f"tiny_{name}") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory):
+    """A tiny SD1.5-shaped pipeline folder (random weights; StableDiffusionPipeline loads it)."""
+    return _tiny_family(tmp_path_factory, "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3-shaped pipeline folder (random weights; StableDiffusion3Pipeline loads it)."""
+    return _tiny_family(tmp_path_factory, "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny Flux-shaped pipeline folder (random weights; FluxPipeline loads it)."""
+    return _tiny_family(tmp_path_factory, "flux")

@@ -208,7 +208,7 @@ BUILTIN_MODULES = tuple(
     f"lightning_distill.{m}"
     for m in (
         "callbacks",
-        "codecs.base", "codecs.minilm", "codecs.sdxl",
+        "codecs.base", "codecs.flux", "codecs.minilm", "codecs.sd15", "codecs.sd3", "codecs.sdxl",
         "data.cache", "data.images", "data.synthetic",
         "eval.metrics",
         "methods.diffusion.method", "methods.diffusion.schedule", "methods.lightning.ladder", "methods.lightning.method",

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.models.noise import NoiseSchedule
+from lightning_distill.models.noise import Prediction, Schedule
 from lightning_distill.config.registry import STUDENTS
 from lightning_distill.models.teacher import SamplerTeacher
 
@@ -23,7 +23,7 @@ class CopyStudent(nn.Module):
 
     @dataclass(kw_only=True)
     class Config:
-        prediction: Literal["epsilon", "sample", "v_prediction"] | None = None
+        prediction: Prediction | None = None
         """The parameterisation of the first stage (None: the teacher's); a stage's ``prediction`` changes it."""
         dtype: Literal["float32", "bfloat16"] = "float32"
         """Weights of the trained copy (float32 master weights are usual; precision is set in ``fabric``)."""
@@ -36,7 +36,7 @@ class CopyStudent(nn.Module):
         self.net = copy.deepcopy(teacher.denoiser).to(getattr(torch, config.dtype)).requires_grad_(True).train()
         if config.gradient_checkpointing and hasattr(self.net, "enable_gradient_checkpointing"):
             self.net.enable_gradient_checkpointing()
-        self.schedule: NoiseSchedule = teacher.schedule
+        self.schedule: Schedule = teacher.schedule
 
     def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.schedule.split(self.net(x_t, t, cond).to(x_t.dtype), x_t, t, self.prediction)  # type: ignore[arg-type]

@@ -1,0 +1,250 @@
+"""SD3- and Flux-shaped transformers as teachers, students and discriminators, on tiny pipeline folders the tests
+build: our sampler against the diffusers pipelines (same seed, same steps), the discriminator backbone, the LoRA
+rule, and the family recipes through the CLI with export to the family's pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_distill.config.fields import validate
+from lightning_distill.config.registry import BACKBONES, CODECS, TEACHERS
+from lightning_distill.errors import UserError
+from lightning_distill.inference.sampler import sample_latents
+from lightning_distill.models.adapters import LoRA
+from lightning_distill.models.flux.network import pack, unpack
+from lightning_distill.models.noise import FlowMatchSchedule, trailing_sigmas
+from lightning_distill.models.teacher import guided
+from support import ROOT, fast_overrides, run_cli
+
+PROMPTS = ["a red cat", "a small blue square on the left"]
+
+
+def _build(registry, name, **fields):
+    cls = registry.get(name)
+    return cls(validate(fields, cls.Config))
+
+
+@pytest.fixture(scope="module")
+def sd3(tiny_sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    teacher = _build(TEACHERS, "sd3", pretrained=str(tiny_sd3))
+    codec = _build(CODECS, "sd3", pretrained=str(tiny_sd3))
+    return teacher, codec, StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3))
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_flux):
+    from diffusers import FluxPipeline
+
+    teacher = _build(TEACHERS, "flux", pretrained=str(tiny_flux), guidance=3.5)
+    codec = _build(CODECS, "flux", pretrained=str(tiny_flux))
+    return teacher, codec, FluxPipeline.from_pretrained(str(tiny_flux))
+
+
+def test_flow_teachers_read_their_schedule_from_the_folder(sd3, flux):
+    for teacher, dynamic in ((sd3[0], False), (flux[0], True)):
+        assert isinstance(teacher.schedule, FlowMatchSchedule) and teacher.prediction == "flow"
+        assert teacher.schedule.config.shift == 3.0 and teacher.schedule.config.use_dynamic_shifting == dynamic
+        assert teacher.network_folder == "transformer" and teacher.pipeline_class.endswith("Pipeline")
+    assert flux[0].embedded_guidance == 3.5 and sd3[0].embedded_guidance == 0.0
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sd3_sampler_matches_the_pipeline(sd3, guidance, steps):
+    """Our Euler sampler over the SD3 teacher (real CFG with the empty caption's encoding as the unconditional
+    input) against ``StableDiffusion3Pipeline`` at our trailing sigmas."""
+    from lightning_distill.codecs.base import null_conditioning
+
+    teacher, codec, pipe = sd3
+    noise = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond = codec.encode_text(PROMPTS)
+    null = null_conditioning(codec, 32, 32, "cpu")
+    ours = sample_latents(guided(teacher.denoiser, guidance, null), teacher.schedule, "flow", noise, cond, steps)
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPTS, latents=noise, num_inference_steps=steps, sigmas=trailing_sigmas(steps),
+                      guidance_scale=guidance, height=32, width=32, output_type="latent").images
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_flux_sampler_matches_the_pipeline(flux, steps):
+    """Our sampler over the Flux teacher (packing, ids, embedded guidance, the resolution's dynamic shift) against
+    ``FluxPipeline``, which packs the same latents and takes the same sigmas by default."""
+    teacher, codec, pipe = flux
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = sample_latents(teacher.denoiser, teacher.schedule, "flow", noise, codec.encode_text(PROMPTS), steps)
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPTS, latents=pack(noise), num_inference_steps=steps, guidance_scale=3.5,
+                      height=64, width=64, output_type="latent").images
+    assert (ours - unpack(theirs, 8, 8)).abs().max() < 1e-4
+
+
+def test_flux_refuses_classifier_free_guidance(flux):
+    teacher, codec, _ = flux
+    x = torch.randn(1, 16, 4, 4)
+    with pytest.raises(UserError, match="embedded"):
+        teacher.predict(x, torch.tensor([999]), codec.encode_text(["a cat"]), guidance=3.0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_blocks_backbone_is_a_token_map_that_passes_gradients(family, sd3, flux):
+    teacher, codec, _ = {"sd3": sd3, "flux": flux}[family]
+    cls = BACKBONES.get("transformer_blocks")
+    backbone = cls(cls.Config(blocks=1), teacher=teacher)
+    assert backbone.denoiser.transformer is not teacher.denoiser.transformer  # a trainable copy
+    assert all(p.requires_grad for p in backbone.parameters())
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    feats = backbone(x, torch.tensor([999, 400]), codec.encode_text(PROMPTS))
+    assert feats.shape == (2, backbone.out_channels, 4, 4)
+    feats.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the generator learns through it
+    with pytest.raises(UserError, match="blocks"):
+        cls(cls.Config(blocks=5), teacher=teacher)
+
+
+def test_sd3_backbone_tokens_equal_the_transformer_after_its_first_block(sd3):
+    """The backbone's image tokens are the network's own: the full transformer's hidden states after block 1,
+    read through a hook, equal the backbone's map (same weights at the copy)."""
+    teacher, codec, _ = sd3
+    cls = BACKBONES.get("transformer_blocks")
+    backbone = cls(cls.Config(blocks=1), teacher=teacher)
+    x, t, cond = torch.randn(1, 16, 8, 8), torch.tensor([500]), codec.encode_text(["a red cat"])
+    seen = {}
+    hook = teacher.denoiser.transformer.transformer_blocks[0].register_forward_hook(
+        lambda m, i, out: seen.update(hidden=out[1]))  # returns None: the output is left as it is
+    with torch.no_grad():
+        teacher.denoiser(x, t, cond)
+        feats = backbone(x, t, cond)
+    hook.remove()
+    assert torch.allclose(feats.flatten(2).transpose(1, 2), seen["hidden"], atol=1e-5)
+
+
+def test_transformer_lora_targets_attention_and_mlp_only(sd3, flux):
+    for teacher in (sd3[0], flux[0]):
+        targets = LoRA(LoRA.Config(rank=4)).targets(teacher.denoiser)
+        assert targets and all(t.startswith("transformer.") for t in targets)
+        assert any(".attn.to_q" in t for t in targets) and any(".ff." in t or "proj_mlp" in t for t in targets)
+        banned = ("pos_embed", "x_embedder", "time_text_embed", "context_embedder", "norm_out", "norm1")
+        assert not any(b in t.split(".") for t in targets for b in banned), targets
+        assert "transformer.proj_out" not in targets
+    assert any(t.endswith("single_transformer_blocks.0.proj_out") for t in LoRA(LoRA.Config()).targets(flux[0].denoiser))
+
+
+# -- the family recipes through the CLI, exported and loaded back ---------------------------------------------------
+def _train(family, variant, folder, images, tmp_path_factory, extra=()):
+    from lightning_distill.config.recipe import load_recipe
+
+    recipe = ROOT / "recipes" / f"{family}_lightning" / f"{variant}.yaml"
+    out = tmp_path_factory.mktemp("runs") / f"{family}-{variant}"
+    args = fast_overrides(load_recipe(recipe).resolved, {"pipeline": folder, "images": images}, lr=1e-3)
+    result = run_cli("train", str(recipe), "--out", str(out), *args, "data.resolution=32", *extra, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Six captioned images of at least 32 px (the transformers need 2 x 2 tokens after packing)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (36 + 2 * i, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(PROMPTS[i % 2])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tiny_sd3, images, tmp_path_factory):
+    return _train("sd3", "lora", tiny_sd3, images, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def flux_run(tiny_flux, images, tmp_path_factory):
+    return _train("flux", "full", tiny_flux, images, tmp_path_factory)
+
+
+def _phases(run):
+    return sorted(p.stem for p in (run / "phases").glob("*.safetensors"))
+
+
+def test_family_recipes_run_every_phase_kind(sd3_run, flux_run):
+    assert [p.split("-", 1)[1] for p in _phases(sd3_run)] == [
+        "s32-mse-lora", "s8-cond-lora", "s8-uncond-lora", "s4-cond-lora", "s4-uncond-lora", "s2-cond-lora",
+        "s2-uncond-lora"]
+    kinds = [p.split("-", 1)[1] for p in _phases(flux_run)]
+    assert kinds[0] == "s32-mse" and kinds[-1] == "s1-uncond" and "s8-uncond" in kinds and len(kinds) == 12
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_diffusers_export_loads_in_the_pipeline_and_samples_like_our_sampler(family, sd3_run, flux_run, tmp_path):
+    import diffusers
+
+    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.inference.sample import sample_exported, sample_run
+    from lightning_distill.utils.tensors import strip_prefix
+
+    run = {"sd3": sd3_run, "flux": flux_run}[family]
+    out = tmp_path / "export"
+    result = run_cli("export", str(run), "--format", "diffusers", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "lightning_distill.json").read_text())
+    network = getattr(diffusers, meta["network_class"]).from_pretrained(str(out / "transformer"))
+    folder = RunFolder(run)
+    trained = strip_prefix(folder.artifact(folder.pick()), "student.net.transformer.")
+    assert all(torch.equal(v, trained[k]) for k, v in network.state_dict().items())
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(str(out / "scheduler"))
+    assert scheduler.config.shift == 3.0
+    assert meta["sigmas"] == trailing_sigmas(meta["steps"]) and f"sigmas={meta['sigmas']}" in (out / "README.md").read_text()
+    ours = sample_run(run, PROMPTS, seed=3, size=32)
+    theirs = sample_exported(out, PROMPTS, seed=3, size=32)
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_sd3_lora_export_fuses_into_the_trained_transformer(sd3_run, tiny_sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.utils.tensors import strip_prefix
+
+    out = tmp_path / "lora"
+    result = run_cli("export", str(sd3_run), "--format", "lora", "--rank", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "lightning_distill.json").read_text())
+    assert meta["layers"] > 0 and meta["max_relative_error"] < 1e-4 and meta["max_change_outside_lora"] == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3))
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    folder = RunFolder(sd3_run)
+    trained = strip_prefix(folder.artifact(folder.pick()), "student.net.transformer.")
+    fused = pipe.transformer.state_dict()
+    for k in trained:
+        assert torch.allclose(fused[k], trained[k], atol=1e-5), k
+    comfy = tmp_path / "comfy"
+    assert run_cli("export", str(sd3_run), "--format", "comfyui", "--rank", "8", "--out", str(comfy)).returncode == 0
+    from safetensors.torch import load_file
+
+    keys = load_file(str(comfy / "pytorch_lora_weights.safetensors"))
+    assert keys and all(k.startswith("lora_transformer_transformer_blocks_") for k in keys)
+
+
+def test_sd15_recipe_trains_and_exports_to_the_sd_pipeline(tiny_sd15, images, tmp_path_factory, tmp_path):
+    from lightning_distill.inference.sample import sample_exported, sample_run
+
+    run = _train("sd15", "lora", tiny_sd15, images, tmp_path_factory)
+    out = tmp_path / "export"
+    assert run_cli("export", str(run), "--format", "diffusers", "--out", str(out)).returncode == 0
+    meta = json.loads((out / "lightning_distill.json").read_text())
+    assert meta["pipeline"] == "StableDiffusionPipeline" and meta["network_folder"] == "unet"
+    ours = sample_run(run, PROMPTS, seed=3, size=32)
+    theirs = sample_exported(out, PROMPTS, seed=3, size=32)
+    assert (ours - theirs).abs().max() < 1e-4

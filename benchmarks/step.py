@@ -23,6 +23,7 @@ from common import device_name, matmul_rate, record, timed  # noqa: E402
 
 from lightning_distill.models.sdxl.network import UNetDenoiser  # noqa: E402
 from lightning_distill.models.teacher import SamplerTeacher  # noqa: E402
+from lightning_distill.codecs.base import Identity  # noqa: E402
 from lightning_distill.models.noise import NoiseSchedule  # noqa: E402
 from lightning_distill.config.registry import TEACHERS  # noqa: E402
 
@@ -117,7 +118,7 @@ def count_flops(recipe: object, tiny: bool, batch: int) -> float:
     phases = recipe.schedule.build().phases()
     phase = phases[0]
     with torch.device("meta"):
-        method = recipe.method.build(phases=phases, codec=torch.nn.Identity(), seed=0)
+        method = recipe.method.build(phases=phases, codec=Identity(), seed=0)
         modules = method.build_phase(phase, lambda i: {})
         for name, module in modules.items():
             if name not in phase.optimizers:
@@ -148,7 +149,7 @@ def run_case(case: tuple, tiny: bool, batch: int, steps: int, device: torch.devi
     fabric = Fabric(accelerator=recipe.fabric.accelerator, devices=1, precision=recipe.fabric.precision)
     phases = recipe.schedule.build().phases()
     phase = phases[0]
-    method = recipe.method.build(phases=phases, codec=torch.nn.Identity(), seed=0)
+    method = recipe.method.build(phases=phases, codec=Identity(), seed=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     state = setup_phase(fabric, method, phase, Artifacts(Path("."), fabric, {}), recipe.optimizer)

@@ -79,7 +79,7 @@ def evaluate_run(
     """Sample and score every row; write the report files into ``run_dir``; return the ``metrics.json`` tree."""
     from torch.utils.data import default_collate
 
-    from lightning_distill.codecs.base import prompt_conditioning
+    from lightning_distill.codecs.base import null_conditioning, prompt_conditioning
     from lightning_distill.engine.runfolder import RunFolder
     from lightning_distill.inference.sample import save_grid
 

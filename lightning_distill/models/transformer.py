@@ -2,8 +2,12 @@
 discriminator backbone made of the first blocks of the teacher's transformer (the paper's design carried over).
 
 A family (``models/sd3``, ``models/flux``) supplies a denoiser wrapping its diffusers network with
-``forward(x, t, cond)`` and ``tokens(x, t, cond, blocks)`` (image tokens after the first ``blocks`` blocks, as a
-``[B, D, h, w]`` map).
+``forward(x, t, cond)`` and ``token_maps(x, t, cond, after)`` (the image tokens after each joint block counted in
+``after``, text tokens stripped, as ``[B, D, h, w]`` maps).
+
+Two discriminator backbones: ``transformer_blocks`` (a trainable copy of the first blocks: the paper's way) and
+``frozen_features`` (the frozen teacher's features at chosen blocks, only the head trains: LADD / SANA-Sprint's
+way, no second copy of the network's weights in memory).
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ class TransformerDenoiser(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 
-    def tokens(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], blocks: int, checkpoint: bool = False) -> Tensor:
+    def token_maps(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], after: list[int],
+                   checkpoint: bool = False) -> list[Tensor]:
         raise NotImplementedError
 
     @staticmethod
@@ -161,7 +166,50 @@ class TransformerBlocks(nn.Module):
         self.out_channels = int(net.config.num_attention_heads * net.config.attention_head_dim)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return self.denoiser.tokens(x, t, cond, self.blocks, self.checkpointing)
+        return self.denoiser.token_maps(x, t, cond, [self.blocks], self.checkpointing)[0]
 
     def fsdp_units(self) -> list[nn.Module]:
         return list(self.denoiser.transformer.transformer_blocks)
+
+
+@BACKBONES.register("frozen_features")
+class FrozenFeatures(nn.Module):
+    """The frozen teacher's own image tokens after chosen joint blocks, concatenated on channels (LADD,
+    arXiv 2403.12015): nothing of the backbone trains, only the head, and no copy of the network is made.
+    Gradients still reach the generated latents through the frozen weights.
+
+    The teacher is referenced, not owned (it is not in the discriminator's state dict or optimizer). Its
+    weights must be whole on each device: use it on one device or with DDP; under FSDP2, where the teacher is
+    sharded, use ``transformer_blocks``.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        blocks: list[int] | None = None
+        """Features after these joint blocks (counted from 1); None: a quarter, half and three quarters of them."""
+        gradient_checkpointing: bool = False
+
+    def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
+        super().__init__()
+        denoiser = teacher.denoiser
+        if not isinstance(denoiser, TransformerDenoiser):
+            raise UserError(f"backbone 'frozen_features' needs a transformer teacher (sd3, flux), got "
+                            f"{type(denoiser).__name__}")
+        joint = len(denoiser.block_lists()[0])
+        limit = joint - 1 if joint > 1 else joint
+        blocks = config.blocks or sorted({max(1, min(limit, round(joint * f))) for f in (0.25, 0.5, 0.75)})
+        if any(not 1 <= b <= limit for b in blocks):
+            raise UserError(f"method.discriminator.backbone.blocks: each in 1 to {limit} (the teacher has {joint} "
+                            f"joint blocks), got {blocks}")
+        self.blocks = sorted(set(blocks))
+        self.checkpointing = config.gradient_checkpointing
+        object.__setattr__(self, "_teacher", denoiser)  # not a submodule: not saved, not trained, not sharded here
+        width = int(denoiser.transformer.config.num_attention_heads * denoiser.transformer.config.attention_head_dim)
+        self.out_channels = width * len(self.blocks)
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        teacher: TransformerDenoiser = self._teacher  # type: ignore[assignment]
+        if any(type(p).__name__ == "DTensor" for p in teacher.transformer.parameters()):
+            raise UserError("backbone 'frozen_features' reads the teacher's weights whole; under fsdp2 use "
+                            "backbone 'transformer_blocks'")
+        return torch.cat(teacher.token_maps(x, t, cond, self.blocks, self.checkpointing), dim=1)

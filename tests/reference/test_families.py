@@ -248,3 +248,33 @@ def test_sd15_recipe_trains_and_exports_to_the_sd_pipeline(tiny_sd15, images, tm
     ours = sample_run(run, PROMPTS, seed=3, size=32)
     theirs = sample_exported(out, PROMPTS, seed=3, size=32)
     assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_frozen_features_backbone_trains_only_its_head(sd3):
+    """LADD's discriminator: the frozen teacher's token maps (not a copy, not in the state dict), only the head
+    trains, and the generator's gradient reaches the latents through the frozen weights."""
+    from lightning_distill.config.registry import DISCRIMINATORS
+
+    teacher, codec, _ = sd3
+    cls = DISCRIMINATORS.get("backbone_head")
+    config = validate({"backbone": {"name": "frozen_features", "blocks": [1]},
+                       "head": {"name": "conv", "channels": 16, "groups": 8}}, cls.Config)
+    disc = cls(config, teacher=teacher, conditional=True)
+    assert all(k.startswith("head.") for k in disc.state_dict())
+    assert sum(p.numel() for p in disc.parameters()) == sum(p.numel() for p in disc.head.parameters())
+    x_prev = torch.randn(2, 16, 8, 8, requires_grad=True)
+    cond = codec.encode_text(PROMPTS)
+    logits = disc(x_prev, torch.tensor([300, 100]), cond, torch.randn(2, 16, 8, 8), torch.tensor([999, 500]))
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert x_prev.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.denoiser.parameters())
+    with torch.no_grad():
+        maps = teacher.denoiser.token_maps(x_prev, torch.tensor([300, 100]), cond, [1])
+    assert torch.allclose(disc.backbone(x_prev, torch.tensor([300, 100]), cond), maps[0])
+
+
+def test_sd3_recipe_runs_with_the_frozen_feature_discriminator(tiny_sd3, images, tmp_path_factory):
+    run = _train("sd3", "lora", tiny_sd3, images, tmp_path_factory,
+                 extra=["method.discriminator.backbone={name: frozen_features}", "method.discriminator.head.groups=8"])
+    assert len(_phases(run)) == 7

@@ -23,6 +23,7 @@ from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
 from lightning_distill.config.registry import METHODS
 from lightning_distill.codecs.base import batch_conditioning, batch_latents
+from lightning_distill.models.sd3.network import SD3Denoiser
 from lightning_distill.models.sdxl.network import UNetDenoiser
 
 
@@ -35,14 +36,27 @@ def build_unet(config: dict[str, Any]) -> nn.Module:
         raise UserError(f"method.unet: not a UNet2DConditionModel configuration: {err}") from err
 
 
+def build_transformer(config: dict[str, Any]) -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        return SD3Transformer2DModel(**config)
+    except TypeError as err:
+        raise UserError(f"method.transformer: not an SD3Transformer2DModel configuration: {err}") from err
+
+
 @METHODS.register("diffusion")
 class DiffusionTraining(Method):
-    """Train a ``UNet2DConditionModel`` from scratch to denoise the data's latents given its captions."""
+    """Train a ``UNet2DConditionModel`` or an SD3-shaped transformer from scratch to denoise the data's latents
+    given its captions (on a discrete or a flow-matching schedule)."""
 
     @dataclass(kw_only=True)
     class Config:
-        unet: dict[str, Any]
+        unet: dict[str, Any] | None = None
         """Arguments of ``diffusers.UNet2DConditionModel`` (block_out_channels, cross_attention_dim, ...)."""
+        transformer: dict[str, Any] | None = None
+        """Instead of ``unet``: arguments of ``diffusers.SD3Transformer2DModel`` (an MMDiT; with a flow_match
+        schedule and prediction flow, an SD3-shaped model the ``sd3`` teacher loads)."""
         prediction: Prediction = "epsilon"
         noise_schedule: component("noise_schedule") = field(default_factory=lambda: {"name": "discrete"})  # type: ignore[valid-type]
         """discrete (betas; the default) or flow_match (with prediction: flow)."""
@@ -60,6 +74,8 @@ class DiffusionTraining(Method):
             config.noise_schedule.build().check_prediction(config.prediction)
         except ValueError as err:
             raise UserError(f"method.prediction: {err}") from err
+        if (config.unet is None) == (config.transformer is None):
+            raise UserError("method: give exactly one of unet and transformer (the network to train)")
         if config.caption_dropout > 1:
             raise UserError(f"method.caption_dropout must lie in [0, 1], got {config.caption_dropout}")
 
@@ -73,7 +89,12 @@ class DiffusionTraining(Method):
     def build_phase(self, phase: Phase, artifacts: ArtifactLoader, empty: bool = False) -> dict[str, nn.Module]:
         self.phase = phase
         with torch.device("meta" if empty else "cpu"):
-            return {"model": UNetDenoiser(build_unet(self.config.unet), self.schedule).train()}
+            return {"model": self._denoiser().train()}
+
+    def _denoiser(self) -> nn.Module:
+        if self.config.transformer is not None:
+            return SD3Denoiser(build_transformer(self.config.transformer), self.schedule)
+        return UNetDenoiser(build_unet(self.config.unet), self.schedule)
 
     def artifact(self) -> dict[str, dict[str, Tensor]]:
         return {"model": full_state_dict(self.modules["model"])}
@@ -104,7 +125,7 @@ class DiffusionTraining(Method):
 
     def phase_model(self, facts: PhaseFacts | None, artifact: dict[str, Tensor] | None) -> PhaseModel:
         """The trained UNet (float16 when exported) with its DDPM scheduler."""
-        denoiser = UNetDenoiser(build_unet(self.config.unet), self.schedule)
+        denoiser = self._denoiser()
         if artifact is not None:
             denoiser.load_state_dict(strip_prefix(artifact, "model."))
         return self._model(denoiser, facts or PhaseFacts("diffusion", "diffusion", self.config.prediction))
@@ -115,8 +136,11 @@ class DiffusionTraining(Method):
                 return self.schedule.scheduler()
             return self.schedule.scheduler(self.config.prediction)
 
+        transformer = isinstance(denoiser, SD3Denoiser)
         return PhaseModel(facts, denoiser, self.schedule, denoiser.in_channels, network=denoiser.network,
-                          scheduler=scheduler, export_dtype="float16")
+                          scheduler=scheduler, export_dtype="float16",
+                          network_folder="transformer" if transformer else "unet",
+                          pipeline="StableDiffusion3Pipeline" if transformer else None)
 
     @torch.no_grad()
     def preview(self, batch: dict) -> Tensor:

@@ -206,6 +206,8 @@ class ProgressiveDistillation(Method):
 
     def _null(self, latents: Tensor) -> dict[str, Tensor] | None:
         """Guidance's unconditional input for the codec (None: zeros), encoded once per image size."""
+        if getattr(self.codec, "zero_null", True):
+            return None
         f = self.codec.scale_factor
         key = (tuple(latents.shape[-2:]), latents.device)
         cached = getattr(self, "_null_cache", None)

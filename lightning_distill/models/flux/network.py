@@ -75,7 +75,8 @@ class FluxDenoiser(TransformerDenoiser):
         out = self.transformer(**self._inputs(x, t, cond), return_dict=False)[0]
         return unpack(out, *x.shape[-2:]).to(x.dtype)
 
-    def tokens(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], blocks: int, checkpoint: bool = False) -> Tensor:
+    def token_maps(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], after: list[int],
+                   checkpoint: bool = False) -> list[Tensor]:
         net = self.transformer
         a = self._inputs(x, t, cond)
         hidden = net.x_embedder(a["hidden_states"])
@@ -87,10 +88,13 @@ class FluxDenoiser(TransformerDenoiser):
             temb = net.time_text_embed(time, a["guidance"].to(dtype) * 1000, a["pooled_projections"])
         text = net.context_embedder(a["encoder_hidden_states"])
         rotary = net.pos_embed(torch.cat([a["txt_ids"], a["img_ids"]]))
-        for block in list(net.transformer_blocks)[:blocks]:
-            text, hidden = self.run_block(block, checkpoint, hidden, text, temb, rotary)
         B, _, H, W = x.shape
-        return hidden.transpose(1, 2).reshape(B, -1, H // 2, W // 2)
+        maps = []
+        for i, block in enumerate(list(net.transformer_blocks)[: max(after)], start=1):
+            text, hidden = self.run_block(block, checkpoint, hidden, text, temb, rotary)
+            if i in after:
+                maps.append(hidden.transpose(1, 2).reshape(B, -1, H // 2, W // 2))
+        return maps
 
 
 @TEACHERS.register("flux")

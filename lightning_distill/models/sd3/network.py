@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_distill.config.registry import TEACHERS
@@ -24,26 +25,37 @@ class SD3Denoiser(TransformerDenoiser):
     def in_channels(self) -> int:
         return int(self.transformer.config.in_channels)
 
+    def pooled(self, cond: dict[str, Tensor], like: Tensor) -> Tensor:
+        """``cond["pooled"]``; zeros for a codec without pooled embeddings (the tiny world's MiniLM)."""
+        pooled = cond.get("pooled")
+        if pooled is None:
+            return torch.zeros(like.shape[0], self.transformer.config.pooled_projection_dim, device=like.device)
+        return pooled
+
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         net = self.transformer
         dtype = net.dtype
         time = self.schedule.model_time(t, x).expand(x.shape[0])
         out = net(hidden_states=x.to(dtype), timestep=time.to(dtype), encoder_hidden_states=cond["text"].to(dtype),
-                  pooled_projections=cond["pooled"].to(dtype), return_dict=False)[0]
+                  pooled_projections=self.pooled(cond, x).to(dtype), return_dict=False)[0]
         return out.to(x.dtype)
 
-    def tokens(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], blocks: int, checkpoint: bool = False) -> Tensor:
+    def token_maps(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], after: list[int],
+                   checkpoint: bool = False) -> list[Tensor]:
         net = self.transformer
         dtype = net.pos_embed.proj.weight.dtype
         B, _, h, w = x.shape
         hidden = net.pos_embed(x.to(dtype)).contiguous()
         time = self.schedule.model_time(t, x).expand(B).to(dtype)
-        temb = net.time_text_embed(time, cond["pooled"].to(dtype))
+        temb = net.time_text_embed(time, self.pooled(cond, x).to(dtype))
         text = net.context_embedder(cond["text"].to(dtype))
-        for block in list(net.transformer_blocks)[:blocks]:
-            text, hidden = self.run_block(block, checkpoint, hidden, text, temb)
         p = net.config.patch_size
-        return hidden.transpose(1, 2).reshape(B, -1, h // p, w // p)
+        maps = []
+        for i, block in enumerate(list(net.transformer_blocks)[: max(after)], start=1):
+            text, hidden = self.run_block(block, checkpoint, hidden, text, temb)
+            if i in after:
+                maps.append(hidden.transpose(1, 2).reshape(B, -1, h // p, w // p))
+        return maps
 
 
 @TEACHERS.register("sd3")

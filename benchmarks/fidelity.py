@@ -5,6 +5,8 @@ each run's ``metrics.json`` rows, writes ``benchmarks/fidelity.json`` and append
 step count to ``benchmarks/RESULTS.md``. Finished runs are only read again, so a killed benchmark resumes.
 
     python benchmarks/fidelity.py [--seeds 0 1 2] [--out runs/fidelity] [KEY=VALUE ...]
+    python benchmarks/fidelity.py --recipe recipes/tiny/flow_lightning.yaml --out runs/fidelity-flow \
+        --json benchmarks/fidelity_flow.json          # the same ladders on the flow-matching transformer teacher
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def summarise(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--recipe", default=str(RECIPE))
     parser.add_argument("--out", default=str(ROOT / "runs" / "fidelity"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "fidelity.json"))
     parser.add_argument("--no-record", action="store_true")
@@ -52,16 +55,18 @@ def main() -> None:
     for seed in args.seeds:
         out = Path(args.out) / f"seed-{seed}"
         if not (out / "metrics.json").is_file():
-            done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(RECIPE), "--out", str(out),
+            done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", args.recipe, "--out", str(out),
                                    f"seed={seed}", *args.overrides], cwd=ROOT)
             if done.returncode:
                 sys.exit(done.returncode)
         results += [{**r, "seed": seed} for r in json.loads((out / "metrics.json").read_text())["results"]]
-    command = " ".join(["python benchmarks/fidelity.py", "--seeds", *map(str, args.seeds), *args.overrides])
+    recipe = Path(args.recipe).resolve()
+    named = [] if recipe == RECIPE else ["--recipe", str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)]
+    command = " ".join(["python benchmarks/fidelity.py", *named, "--seeds", *map(str, args.seeds), *args.overrides])
     Path(args.json).write_text(json.dumps({"command": command, "seeds": args.seeds, "results": results}, indent=1))
     import torch
 
-    record(f"Fidelity in miniature: both ladders over seeds {args.seeds} (mean ± sd)", command,
+    record(f"Fidelity in miniature: both ladders of {recipe.name} over seeds {args.seeds} (mean ± sd)", command,
            device_name(torch.device("cpu")), summarise(results), None if args.no_record else RESULTS)
 
 

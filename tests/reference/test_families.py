@@ -278,3 +278,26 @@ def test_sd3_recipe_runs_with_the_frozen_feature_discriminator(tiny_sd3, images,
     run = _train("sd3", "lora", tiny_sd3, images, tmp_path_factory,
                  extra=["method.discriminator.backbone={name: frozen_features}", "method.discriminator.head.groups=8"])
     assert len(_phases(run)) == 7
+
+
+def test_diffusion_method_trains_a_flow_transformer_the_sd3_teacher_loads(tmp_path):
+    """How the tiny flow teacher is made: the diffusion method on a flow schedule, exported as an SD3 transformer
+    folder with its FlowMatch scheduler, which the ``sd3`` teacher loads with the same shift."""
+    recipe = ROOT / "recipes" / "tiny" / "teacher_flow.yaml"
+    run, out = tmp_path / "run", tmp_path / "export"
+    args = ["schedule.steps=2", "train.batch_size=4", "train.preview_every=0", "train.log_every=1",
+            "method.transformer.num_layers=2", "callbacks=[]"]
+    result = run_cli("train", str(recipe), "--out", str(run), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_cli("export", str(run), "--format", "diffusers", "--out", str(out)).returncode == 0
+    assert (out / "transformer" / "config.json").is_file()
+    teacher = _build(TEACHERS, "sd3", pretrained=str(out))
+    assert isinstance(teacher.schedule, FlowMatchSchedule) and teacher.schedule.config.shift == 1.5
+    assert teacher.prediction == "flow" and teacher.denoiser.in_channels == 3
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([999, 100])
+    cond = {"text": torch.randn(2, 20, 384)}
+    from lightning_distill.engine.runfolder import RunFolder
+
+    model = RunFolder(run).phase_model(RunFolder(run).pick())
+    with torch.no_grad():
+        assert torch.allclose(teacher.denoiser(x, t, cond), model.denoiser.half().float()(x, t, cond), atol=1e-3)

@@ -6,10 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from support import DEBUG_RECIPE, HELPERS, ROOT
-from support import KILLABLE, assert_same_weights, final_weights
+from support import KILLABLE, assert_same_weights, fast_overrides, final_weights
 
 FSDP2 = ["fabric.devices=2", "fabric.strategy=fsdp2"]
 
@@ -64,3 +65,32 @@ def test_fsdp2_teacher_offload_and_meta_init_change_no_number(cli, tmp_path):
         result = cli("train", str(DEBUG_RECIPE), "--out", str(out), *FSDP2, *short, f"fabric.{flag}=true")
         assert result.returncode == 0, result.stderr[-3000:]
         assert_same_weights(final_weights(plain), final_weights(out))
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_an_sd3_ladder_by_transformer_block(cli, tiny_sd3, tmp_path):
+    """The SD3 recipe on 2 FSDP2 processes, sharded by transformer block, with and without meta-device
+    initialisation: the same final weights, and an export that loads in the SD3 pipeline's network class."""
+    from diffusers import SD3Transformer2DModel
+
+    from lightning_distill.config.recipe import load_recipe
+
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a red cat")
+    recipe = ROOT / "recipes" / "sd3_lightning" / "full.yaml"
+    args = fast_overrides(load_recipe(recipe).resolved, {"pipeline": tiny_sd3, "images": images})
+    args += [*FSDP2, "data.resolution=32", "train.batch_size=2"]
+    plain, meta = tmp_path / "plain", tmp_path / "meta"
+    result = cli("train", str(recipe), "--out", str(plain), *args, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("train", str(recipe), "--out", str(meta), *args, "fabric.meta_init=true", timeout=1200).returncode == 0
+    assert_same_weights(final_weights(plain), final_weights(meta))
+    out = tmp_path / "export"
+    assert cli("export", str(plain), "--format", "diffusers", "--out", str(out)).returncode == 0
+    SD3Transformer2DModel.from_pretrained(str(out / "transformer"))

@@ -177,6 +177,9 @@ def test_teacher_paths_walk_the_teachers_grid():
     assert teacher_paths(torch.arange(4), 4, 4, 2)[:, -1].tolist() == [-1, -1, -1, -1]
     # the paper's first stage: 32-step student, 128-step teacher: 4 teacher steps per student step
     assert teacher_paths(torch.tensor([0]), 32, 1, 128).tolist() == [[999, 991, 983, 976, 968]]
+    # sharded runs pad every rank's paths to the longest possible, so all ranks run the teacher equally often
+    assert teacher_paths(torch.tensor([3]), 4, 2, 4).tolist() == [[249, -1]]
+    assert teacher_paths(torch.tensor([3]), 4, 2, 4, pad_to=2).tolist() == [[249, 249, -1]]
 
 
 def test_renoise_plan_moves_weights_and_touches_only_clean_targets(recipe, tmp_path):

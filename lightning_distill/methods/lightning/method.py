@@ -9,6 +9,7 @@ takes several. A phase regresses the teacher's result (``mse``), plays a GAN aga
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,23 +30,29 @@ from lightning_distill.models.adapters import LoRA
 
 log = logging.getLogger(__name__)
 
-def teacher_paths(index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000) -> Tensor:
+def teacher_paths(
+    index: Tensor, train_timesteps: int, jump: int, teacher_steps: int, T: int = 1000, pad_to: int = 0
+) -> Tensor:
     """Per sample, the teacher's timesteps from the student's ``t`` to its target ``t - ns``.
 
     The student's ``t`` is point ``index`` of a trailing grid of ``train_timesteps``; its target lies ``jump``
     grid points later (``-1``, clean, past the end). The teacher walks there in steps of ``T / teacher_steps``.
     Positions are fractions of the trajectory, so grids of different sizes line up exactly (trailing spacing:
     ``t = round(T (1 - f)) - 1``). Shorter paths are padded at the front by repeating ``t`` (a step from ``t``
-    to ``t`` changes nothing), giving a ``[B, n + 1]`` tensor.
+    to ``t`` changes nothing), giving a ``[B, n + 1]`` tensor, with ``n`` at least ``pad_to``.
     """
     f = index.double() / train_timesteps
     f_end = torch.clamp(f + jump / train_timesteps, max=1.0)
     n = torch.ceil((f_end - f) * teacher_steps - 1e-9).long()
-    n_max = int(n.max())
+    n_max = max(int(n.max()), pad_to)
     j = torch.arange(n_max + 1, device=index.device)[None, :] - (n_max - n)[:, None]  # front padding: j < 0
     frac = torch.minimum(f[:, None] + j.clamp(min=0).double() / teacher_steps, f_end[:, None])
     t = torch.round(T * (1 - frac)).long() - 1
     return torch.where(frac >= 1 - 1e-9, torch.full_like(t, -1), t)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 @METHODS.register("distill")
@@ -188,7 +195,9 @@ class ProgressiveDistillation(Method):
             path = teacher_paths(index, o.train_timesteps, 0, 1, teacher.schedule.T)  # [t, t]
         else:
             jump = o.train_timesteps // o.student_steps
-            path = teacher_paths(index, o.train_timesteps, jump, o.teacher_steps, teacher.schedule.T)
+            # sharded, every rank must run the teacher's blocks equally often: paths padded to the longest possible
+            pad = math.ceil(jump * o.teacher_steps / o.train_timesteps) if _distributed() else 0
+            path = teacher_paths(index, o.train_timesteps, jump, o.teacher_steps, teacher.schedule.T, pad)
         path = path.to(device)
         t, t_prev = path[:, -1 if self.phase.kind == "x0_convert" else 0], path[:, -1]
         noise = torch.randn_like(latents)

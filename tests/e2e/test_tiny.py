@@ -92,23 +92,32 @@ def test_metrics_on_real_data_and_noise(features):
     assert frechet_distance(d_blur.patch, d_real.patch) / same_patch > frechet_distance(d_blur.whole, d_real.whole) / same
 
 
-@pytest.mark.parametrize("asset", ["teacher", "teacher-mixed"])
+@pytest.mark.parametrize("asset", ["teacher", "teacher-mixed", "flow-teacher"])
 def test_shipped_teacher_follows_captions(minilm, features, asset):
-    """The shipped teachers, loaded through from_pretrained, draw what the captions say."""
+    """The shipped teachers, loaded through from_pretrained, draw what the captions say (the flow teacher: an
+    SD3-shaped transformer on a shifted flow-matching schedule)."""
+    from lightning_distill.models.noise import FlowMatchSchedule
+    from lightning_distill.models.sd3.network import SD3Teacher
     from lightning_distill.models.sdxl.network import UNetTeacher
     from lightning_distill.models.teacher import guided
     from lightning_distill.config.recipe import ASSETS
     from lightning_distill.inference.sampler import sample_latents
 
-    teacher = UNetTeacher(UNetTeacher.Config(pretrained=str(ASSETS / "tiny" / asset)))
-    assert teacher.schedule.config.beta_schedule == "linear" and teacher.prediction == "v_prediction"
+    folder = str(ASSETS / "tiny" / asset)
+    if asset == "flow-teacher":
+        teacher = SD3Teacher(SD3Teacher.Config(pretrained=folder))
+        assert isinstance(teacher.schedule, FlowMatchSchedule) and teacher.schedule.config.shift == 1.5
+        assert teacher.prediction == "flow"
+    else:
+        teacher = UNetTeacher(UNetTeacher.Config(pretrained=folder))
+        assert teacher.schedule.config.beta_schedule == "linear" and teacher.prediction == "v_prediction"
     real, attributes, captions = _images("train", 48, seed=3)
     cond = minilm.encode_text(captions)
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
     x = sample_latents(guided(teacher.denoiser, 3.0), teacher.schedule, teacher.prediction, noise, cond, 16)
     images = ((x.clamp(-1, 1) + 1) / 2)
     score = Adherence(Adherence.Config())(features.describe(images, attributes), features.describe(real, attributes))
-    assert score > 0.8
+    assert score > 0.8, score
 
 
 def test_branch_from_starts_a_second_ladder():

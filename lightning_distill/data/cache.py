@@ -109,14 +109,16 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
                     bar.update(stop - start)
                     continue
                 path.unlink()
-            rows: dict[str, list[Tensor]] = {k: [] for k in FIELDS}
+            rows: dict[str, list[Tensor]] = {"latents": []}
             for b in range(start, stop, batch_size):
                 batch = default_collate([dataset[i] for i in range(b, min(stop, b + batch_size))])
+                pixels = batch["pixels"].to(device)
+                time_ids = batch["time_ids"].to(device) if "time_ids" in batch else None
                 with torch.no_grad():
-                    rows["latents"].append(codec.encode(batch["pixels"].to(device)).cpu())
-                    cond = codec.encode_text(batch["caption"], batch["time_ids"].to(device))
-                for k in ("text", "pooled", "time_ids"):
-                    rows[k].append(cond[k].cpu())
+                    rows["latents"].append(codec.encode(pixels).cpu())
+                    cond = codec.caption_conditioning(list(batch["caption"]), *pixels.shape[-2:], device, time_ids)
+                for k, v in cond.items():  # what the family's network takes: text, pooled, time_ids
+                    rows.setdefault(k, []).append(v.cpu())
                 bar.update(len(batch["caption"]))
             tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
             tmp = out / f".tmp-{name}"

@@ -301,3 +301,26 @@ def test_diffusion_method_trains_a_flow_transformer_the_sd3_teacher_loads(tmp_pa
     model = RunFolder(run).phase_model(RunFolder(run).pick())
     with torch.no_grad():
         assert torch.allclose(teacher.denoiser(x, t, cond), model.denoiser.half().float()(x, t, cond), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_cache_stores_what_the_familys_network_takes(family, tiny_sd15, tiny_sd3, images, tmp_path):
+    """``cache`` with the family's codec: latents and exactly the conditioning the codec gives (SD1.5: text only;
+    SD3: text and pooled), and training reads the cache."""
+    from safetensors.torch import load_file
+
+    folder = {"sd15": tiny_sd15, "sd3": tiny_sd3}[family]
+    recipe = ROOT / "recipes" / f"{family}_lightning" / "lora.yaml"
+    common = [f"codec.pretrained={folder}", f"data.root={images}", "data.resolution=32", "train.batch_size=2"]
+    result = run_cli("cache", str(recipe), "--out", str(tmp_path / "cache"), *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shard = load_file(str(tmp_path / "cache" / "shard-00000.safetensors"))
+    codec = _build(CODECS, family, pretrained=str(folder))
+    expected = codec.caption_conditioning([p.read_text() for p in sorted(images.glob("*.txt"))], 32, 32, "cpu")
+    assert set(shard) == {"latents", *expected}
+    for k, v in expected.items():
+        assert torch.allclose(shard[k], v, atol=1e-6), k
+    args = fast_overrides({"schedule": {"stages": []}}, {"pipeline": folder, "images": images})
+    result = run_cli("train", str(recipe), "--out", str(tmp_path / "run"), *args,
+                     f"data={{name: cached, root: {tmp_path / 'cache'}}}", "schedule.steps_scale=0.0005")
+    assert result.returncode == 0, result.stderr[-3000:]

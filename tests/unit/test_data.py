@@ -238,6 +238,9 @@ def test_a_cache_of_other_settings_is_not_resumed(samples, tmp_path):
             n = len(captions)
             return {"text": torch.zeros(n, 2, 3), "pooled": torch.zeros(n, 3), "time_ids": time_ids}
 
+        def caption_conditioning(self, captions, height, width, device, time_ids=None):
+            return self.encode_text(captions, time_ids)  # SDXL-like: the batch's own micro-conditioning
+
     class Recipe:
         seed = 0
         data = Spec(_make("image_folder", root=str(samples["folder"]), resolution=16), {"name": "image_folder"})

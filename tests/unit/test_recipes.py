@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ def test_every_shipped_recipe_validates(path: Path):
 def test_every_base_is_extended_by_a_shipped_recipe():
     texts = {p: p.read_text() for p in RECIPES}
     for base in BASES:
-        assert any(f"extends: {base.name}" in t for p, t in texts.items() if p.parent == base.parent), base
+        named = re.compile(rf"^extends:.*(^|[\[ ,]){re.escape(base.name)}", re.M)  # alone or in a list
+        assert any(named.search(t) for p, t in texts.items() if p.parent == base.parent), base
 
 
 def test_extends_merges_mappings_and_replaces_lists(tmp_path):

@@ -7,15 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_distill.codecs.base import Codec
+from lightning_distill.codecs.vae import VAECodec, VAECodecConfig
 from lightning_distill.config.registry import CODECS
 from lightning_distill.errors import UserError
-from lightning_distill.utils.pretrained import load_pretrained
-from lightning_distill.utils.tensors import DTYPES, Dtype
 
 
 @CODECS.register("sd15")
-class SD15Codec(Codec):
+class SD15Codec(VAECodec):
     """SD1.5's VAE (pixels <-> latents, scaled by ``scaling_factor``) and its CLIP text encoder.
 
     ``encode_text(captions)`` gives ``text``: the CLIP encoder's last hidden state (after its final layer norm),
@@ -23,49 +21,21 @@ class SD15Codec(Codec):
     ``clip_skip``. An empty caption is encoded like any other: that is the pipeline's negative prompt.
     """
 
-    has_text = True  # encode_text says what to do when the recipe turned the encoder off
     zero_null = False
 
     @dataclass(kw_only=True)
-    class Config:
-        pretrained: str
-        vae_subfolder: str = "vae"
-        vae_dtype: Dtype = "float32"
-        """SD1.5's VAE is safe in float32 (or bfloat16); float16 can overflow at high resolution."""
-        text_dtype: Dtype = "float32"
-        sample_latents: bool = False
-        """Sample the VAE posterior instead of taking its mean."""
-        text_encoders: bool = True
-        """Load the text encoder (not needed when the data already holds embeddings)."""
+    class Config(VAECodecConfig):
+        pass
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        from diffusers import AutoencoderKL
-
-        self.config = config
-        self.vae = load_pretrained(AutoencoderKL, config.pretrained, config.vae_subfolder, torch_dtype=DTYPES[config.vae_dtype])
-        self.scaling = float(self.vae.config.scaling_factor)
-        self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        """Pixels per latent (8 for SD1.5's VAE)."""
+        super().__init__(config)
         self.text_encoder = None
         if config.text_encoders:
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            self.tokenizer = load_pretrained(CLIPTokenizer, config.pretrained, "tokenizer")
-            self.text_encoder = load_pretrained(
-                CLIPTextModel, config.pretrained, "text_encoder", torch_dtype=DTYPES[config.text_dtype]
-            )
+            self.tokenizer = self.text_model(CLIPTokenizer, "tokenizer")
+            self.text_encoder = self.text_model(CLIPTextModel, "text_encoder")
         self.requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample() if self.config.sample_latents else posterior.mean
-        return (latents * self.scaling).float()
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.vae.decode((latents / self.scaling).to(self.vae.dtype)).sample.float()
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], time_ids: Tensor | None = None) -> dict[str, Tensor]:

@@ -8,18 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_distill.codecs.base import Codec
+from lightning_distill.codecs.vae import VAECodec, VAECodecConfig
 from lightning_distill.config.registry import CODECS
 from lightning_distill.errors import UserError
-from lightning_distill.utils.pretrained import load_pretrained
-from lightning_distill.utils.tensors import DTYPES, Dtype
 
 MAX_T5_TOKENS = 512
 """The longest T5 sequence SD3's and Flux's pipelines accept."""
 
 
 @CODECS.register("sd3")
-class SD3Codec(Codec):
+class SD3Codec(VAECodec):
     """SD3's VAE (latents ``(z - shift_factor) * scaling_factor``) and its three text encoders.
 
     ``encode_text(captions)`` follows ``StableDiffusion3Pipeline.encode_prompt``: ``text`` is the penultimate
@@ -29,19 +27,10 @@ class SD3Codec(Codec):
     prompt).
     """
 
-    has_text = True  # encode_text says what to do when the recipe turned the encoders off
     zero_null = False
 
     @dataclass(kw_only=True)
-    class Config:
-        pretrained: str
-        vae_subfolder: str = "vae"
-        vae_dtype: Dtype = "float32"
-        text_dtype: Dtype = "float32"
-        sample_latents: bool = False
-        """Sample the VAE posterior instead of taking its mean."""
-        text_encoders: bool = True
-        """Load the text encoders (not needed when the data already holds embeddings)."""
+    class Config(VAECodecConfig):
         t5: bool = True
         """Load T5 (about 4.7 B parameters); False: zeros in its place, as the pipeline does without
         ``text_encoder_3``."""
@@ -49,44 +38,25 @@ class SD3Codec(Codec):
         """T5 tokens per caption (padded or truncated), end token included."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        from diffusers import AutoencoderKL
-
         if not 1 <= config.max_sequence_length <= MAX_T5_TOKENS:
             raise UserError(f"codec sd3: max_sequence_length must be 1 to {MAX_T5_TOKENS}, not {config.max_sequence_length}")
-        self.config = config
-        self.vae = load_pretrained(AutoencoderKL, config.pretrained, config.vae_subfolder, torch_dtype=DTYPES[config.vae_dtype])
-        self.scaling = float(self.vae.config.scaling_factor)
-        self.shift = float(self.vae.config.shift_factor or 0.0)
-        self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        """Pixels per latent (8 for SD3's VAE)."""
+        super().__init__(config)
         self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
         if config.text_encoders:
             from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-            dtype = DTYPES[config.text_dtype]
-            self.tokenizer = load_pretrained(CLIPTokenizer, config.pretrained, "tokenizer")
-            self.tokenizer_2 = load_pretrained(CLIPTokenizer, config.pretrained, "tokenizer_2")
-            self.text_encoder = load_pretrained(CLIPTextModelWithProjection, config.pretrained, "text_encoder", torch_dtype=dtype)
-            self.text_encoder_2 = load_pretrained(CLIPTextModelWithProjection, config.pretrained, "text_encoder_2", torch_dtype=dtype)
+            self.tokenizer = self.text_model(CLIPTokenizer, "tokenizer")
+            self.tokenizer_2 = self.text_model(CLIPTokenizer, "tokenizer_2")
+            self.text_encoder = self.text_model(CLIPTextModelWithProjection, "text_encoder")
+            self.text_encoder_2 = self.text_model(CLIPTextModelWithProjection, "text_encoder_2")
             if config.t5:
                 from transformers import T5EncoderModel, T5TokenizerFast
 
-                self.tokenizer_3 = load_pretrained(T5TokenizerFast, config.pretrained, "tokenizer_3")
-                self.text_encoder_3 = load_pretrained(T5EncoderModel, config.pretrained, "text_encoder_3", torch_dtype=dtype)
+                self.tokenizer_3 = self.text_model(T5TokenizerFast, "tokenizer_3")
+                self.text_encoder_3 = self.text_model(T5EncoderModel, "text_encoder_3")
             else:
                 self.t5_width = joint_attention_dim(config.pretrained)
         self.requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample() if self.config.sample_latents else posterior.mean
-        return ((latents - self.shift) * self.scaling).float()
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.vae.decode((latents / self.scaling + self.shift).to(self.vae.dtype)).sample.float()
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], time_ids: Tensor | None = None) -> dict[str, Tensor]:

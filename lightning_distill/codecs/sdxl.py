@@ -8,15 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_distill.codecs.base import Codec
+from lightning_distill.codecs.vae import VAECodec, VAECodecConfig
 from lightning_distill.config.registry import CODECS
 from lightning_distill.errors import UserError
-from lightning_distill.utils.pretrained import load_pretrained
-from lightning_distill.utils.tensors import DTYPES, Dtype
 
 
 @CODECS.register("sdxl")
-class SDXLCodec(Codec):
+class SDXLCodec(VAECodec):
     """SDXL's VAE (pixels <-> latents, scaled by ``scaling_factor``) and its two CLIP text encoders.
 
     ``encode_text(captions, time_ids)`` follows SDXL: the penultimate hidden states of both encoders
@@ -24,49 +22,21 @@ class SDXLCodec(Codec):
     micro-conditioning ``time_ids``. Empty captions give zero embeddings (``force_zeros_for_empty_prompt``).
     """
 
-    has_text = True  # encode_text says what to do when the recipe turned the encoders off
-
     @dataclass(kw_only=True)
-    class Config:
-        pretrained: str
-        vae_subfolder: str = "vae"
-        vae_dtype: Dtype = "float32"
-        """SDXL's VAE overflows in float16; float32 (or bfloat16) is safe."""
-        text_dtype: Dtype = "float32"
-        sample_latents: bool = False
-        """Sample the VAE posterior instead of taking its mean."""
-        text_encoders: bool = True
-        """Load the text encoders (not needed when the data already holds embeddings)."""
+    class Config(VAECodecConfig):
+        pass
 
     def __init__(self, config: Config) -> None:
-        super().__init__()
-        from diffusers import AutoencoderKL
-
-        self.config = config
-        self.vae = load_pretrained(AutoencoderKL, config.pretrained, config.vae_subfolder, torch_dtype=DTYPES[config.vae_dtype])
-        self.scaling = float(self.vae.config.scaling_factor)
-        self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        """Pixels per latent (8 for SDXL's VAE)."""
+        super().__init__(config)
         self.text_encoder = self.text_encoder_2 = None
         if config.text_encoders:
             from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-            dtype = DTYPES[config.text_dtype]
-            self.tokenizer = load_pretrained(CLIPTokenizer, config.pretrained, "tokenizer")
-            self.tokenizer_2 = load_pretrained(CLIPTokenizer, config.pretrained, "tokenizer_2")
-            self.text_encoder = load_pretrained(CLIPTextModel, config.pretrained, "text_encoder", torch_dtype=dtype)
-            self.text_encoder_2 = load_pretrained(CLIPTextModelWithProjection, config.pretrained, "text_encoder_2", torch_dtype=dtype)
+            self.tokenizer = self.text_model(CLIPTokenizer, "tokenizer")
+            self.tokenizer_2 = self.text_model(CLIPTokenizer, "tokenizer_2")
+            self.text_encoder = self.text_model(CLIPTextModel, "text_encoder")
+            self.text_encoder_2 = self.text_model(CLIPTextModelWithProjection, "text_encoder_2")
         self.requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample() if self.config.sample_latents else posterior.mean
-        return (latents * self.scaling).float()
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.vae.decode((latents / self.scaling).to(self.vae.dtype)).sample.float()
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], time_ids: Tensor) -> dict[str, Tensor]:

@@ -8,7 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_distill.config.fields import component
 from lightning_distill.errors import UserError
+from lightning_distill.utils.pretrained import load_pretrained
+from lightning_distill.utils.tensors import DTYPES, Dtype
 from lightning_distill.models.noise import Prediction, Schedule
 
 
@@ -34,6 +37,30 @@ def guided(denoiser: Any, scale: float, null: dict[str, Tensor] | None = None) -
         return out_u + scale * (out_c - out_u)
 
     return run
+
+
+@dataclass(kw_only=True)
+class PretrainedTeacherConfig:
+    """Where a diffusers teacher's network comes from, and how it is held."""
+
+    pretrained: str
+    """Local pipeline folder or hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)."""
+    subfolder: str = "unet"
+    variant: str | None = None
+    """e.g. fp16, for ``diffusion_pytorch_model.fp16.safetensors``."""
+    dtype: Dtype = "float32"
+    """Weights of the frozen teacher (bfloat16 halves its memory)."""
+    noise_schedule: component("noise_schedule") | None = None  # type: ignore[valid-type]
+    """None: the folder's ``scheduler/`` config, else the family's default."""
+
+
+def load_network(cls: Any, config: PretrainedTeacherConfig, empty: bool = False) -> nn.Module:
+    """The network of ``config`` (``cls.from_pretrained``); with ``empty``, its architecture alone on the caller's
+    device context (meta), no weights read."""
+    if empty:
+        return cls.from_config(cls.load_config(config.pretrained, subfolder=config.subfolder)).to(DTYPES[config.dtype])
+    return load_pretrained(cls, config.pretrained, config.subfolder, variant=config.variant,
+                           torch_dtype=DTYPES[config.dtype])
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.config.fields import component
 from lightning_distill.config.registry import BACKBONES
 from lightning_distill.errors import UserError
 from lightning_distill.models.noise import FlowMatchConfig, FlowMatchSchedule, Schedule, schedule_from_pretrained
-from lightning_distill.models.teacher import PretrainedSource, SamplerTeacher
-from lightning_distill.utils.pretrained import load_pretrained
+from lightning_distill.models.teacher import PretrainedSource, PretrainedTeacherConfig, SamplerTeacher, load_network
 from lightning_distill.utils.tensors import DTYPES, Dtype
 
 TRANSFORMER_LORA_EXCLUDE = ["pos_embed", "x_embedder", "time_text_embed", "context_embedder", "norm_out", "norm1",
@@ -73,15 +71,8 @@ class TransformerDenoiser(nn.Module):
 
 
 @dataclass(kw_only=True)
-class TransformerTeacherConfig:
-    pretrained: str
-    """Local pipeline folder or hub id (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev)."""
+class TransformerTeacherConfig(PretrainedTeacherConfig):
     subfolder: str = "transformer"
-    variant: str | None = None
-    dtype: Dtype = "float32"
-    """Weights of the frozen teacher (bfloat16 halves its memory)."""
-    noise_schedule: component("noise_schedule") | None = None  # type: ignore[valid-type]
-    """None: the folder's scheduler config (flow matching with its shift), else the family's default."""
 
 
 class TransformerTeacher(SamplerTeacher):
@@ -95,12 +86,7 @@ class TransformerTeacher(SamplerTeacher):
     def __init__(self, config: TransformerTeacherConfig, *, seed: int = 0, empty: bool = False) -> None:
         import diffusers
 
-        cls = getattr(diffusers, self.network_class)
-        if empty:  # the architecture alone, on the meta device (the caller's context): no weights read
-            net = cls.from_config(cls.load_config(config.pretrained, subfolder=config.subfolder)).to(DTYPES[config.dtype])
-        else:
-            net = load_pretrained(cls, config.pretrained, config.subfolder, variant=config.variant,
-                                  torch_dtype=DTYPES[config.dtype])
+        net = load_network(getattr(diffusers, self.network_class), config, empty)
         found = schedule_from_pretrained(config.pretrained)
         if config.noise_schedule is not None:
             schedule = config.noise_schedule.build()

@@ -14,13 +14,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.config.fields import component
 from lightning_distill.models.noise import NoiseSchedule, Schedule, schedule_from_pretrained
 from lightning_distill.errors import UserError
 from lightning_distill.models.adapters import UNET_LORA_EXCLUDE
 from lightning_distill.config.registry import BACKBONES, TEACHERS
-from lightning_distill.models.teacher import PretrainedSource, SamplerTeacher
-from lightning_distill.utils.pretrained import load_pretrained
+from lightning_distill.models.teacher import PretrainedSource, PretrainedTeacherConfig, SamplerTeacher, load_network
 from lightning_distill.utils.tensors import DTYPES, Dtype
 
 class UNetDenoiser(nn.Module):
@@ -74,30 +72,14 @@ class SDXLTeacher(SamplerTeacher):
     """
 
     @dataclass(kw_only=True)
-    class Config:
-        pretrained: str
-        """Local pipeline folder or hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0."""
-        subfolder: str = "unet"
-        variant: str | None = None
-        """e.g. fp16, for ``diffusion_pytorch_model.fp16.safetensors``."""
-        dtype: Dtype = "float32"
-        """Weights of the frozen teacher (bfloat16 halves its memory)."""
+    class Config(PretrainedTeacherConfig):
         prediction: Literal["epsilon", "sample", "v_prediction"] | None = None
         """None: the scheduler config's prediction_type (epsilon for SDXL)."""
-        noise_schedule: component("noise_schedule") | None = None  # type: ignore[valid-type]
-        """None: the scheduler config's betas, else SDXL's."""
 
     def __init__(self, config: Config, *, seed: int = 0, empty: bool = False) -> None:
         from diffusers import UNet2DConditionModel
 
-        if empty:  # the architecture alone, on the meta device (the caller's context): no weights read
-            unet_config = UNet2DConditionModel.load_config(config.pretrained, subfolder=config.subfolder)
-            unet = UNet2DConditionModel.from_config(unet_config).to(DTYPES[config.dtype])
-        else:
-            unet = load_pretrained(
-                UNet2DConditionModel, config.pretrained, config.subfolder, variant=config.variant,
-                torch_dtype=DTYPES[config.dtype],
-            )
+        unet = load_network(UNet2DConditionModel, config, empty)
         found = schedule_from_pretrained(config.pretrained)
         schedule = config.noise_schedule.build() if config.noise_schedule else (found[0] if found else NoiseSchedule())
         prediction = config.prediction or (found[1] if found else "epsilon")

@@ -1,8 +1,10 @@
 """Cached encodings: every sample encoded once (VAE latents, text embeddings) into safetensors shards.
 
-``lightning-distill cache RECIPE --out DIR`` writes ``DIR/shard-NNNNN.safetensors`` (rows ``latents``, ``text``,
-``pooled``, ``time_ids``) and ``DIR/manifest.json``; a shard is written under a temporary name and renamed,
-so a second run skips the finished shards and resumes the rest. Training reads it with ``data: {name: cached,
+``lightning-distill cache RECIPE --out DIR`` writes ``DIR/shard-NNNNN.safetensors`` (rows ``latents`` and what
+the codec's conditioning holds, e.g. ``text``, ``pooled``, ``time_ids``) and ``DIR/manifest.json``; a shard is
+written under a temporary name and renamed, so a second run skips the finished shards and resumes the rest.
+A sample whose image fails to decode is left out and counted (each shard's metadata names those it left out,
+so a resumed cache reports them too); no sample is stored twice. Training reads it with ``data: {name: cached,
 root: DIR}``.
 """
 
@@ -92,6 +94,7 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
             f"{out} holds a cache of other data, codec or shard size; use another --out or delete the folder"
         )
     write_atomically(stamp, json.dumps(fingerprint, indent=2))
+    load = getattr(dataset, "load", dataset.__getitem__)  # None for a sample that cannot be decoded
     shards = []
     with tqdm(total=n, unit="img", desc=f"caching into {out}") as bar:
         for start in range(0, n, shard_size):
@@ -99,34 +102,58 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
             path = out / name
             stop = min(n, start + shard_size)
             if path.is_file():  # finished by an earlier run, unless damaged
-                try:
-                    with safe_open(str(path), framework="pt") as f:
-                        count = f.get_slice("latents").get_shape()[0]
-                except Exception:  # a shard cut short by a crash: encode it again
-                    count = -1
-                if count == stop - start:
+                finished = _finished_shard(path, start, stop)
+                if finished is not None:
+                    count, skipped = finished
+                    for reason, where in skipped:  # the report counts what earlier runs skipped too
+                        dataset.skip(reason, where)
                     shards.append({"file": name, "count": count})
                     bar.update(stop - start)
                     continue
                 path.unlink()
-            rows: dict[str, list[Tensor]] = {"latents": []}
+            rows: dict[str, list[Tensor]] = {}
+            skipped: list[tuple[str, str]] = []
             for b in range(start, stop, batch_size):
-                batch = default_collate([dataset[i] for i in range(b, min(stop, b + batch_size))])
+                items = []
+                for i in range(b, min(stop, b + batch_size)):
+                    item = load(i)
+                    if item is None:  # failed to decode: counted by the data set, never replaced by another
+                        skipped.append(("truncated or corrupt image", dataset.records[i].path))
+                    else:
+                        items.append(item)
+                bar.update(min(stop, b + batch_size) - b)
+                if not items:
+                    continue
+                batch = default_collate(items)
                 pixels = batch["pixels"].to(device)
                 time_ids = batch["time_ids"].to(device) if "time_ids" in batch else None
                 with torch.no_grad():
-                    rows["latents"].append(codec.encode(pixels).cpu())
+                    rows.setdefault("latents", []).append(codec.encode(pixels).cpu())
                     cond = codec.caption_conditioning(list(batch["caption"]), *pixels.shape[-2:], device, time_ids)
                 for k, v in cond.items():  # what the family's network takes: text, pooled, time_ids
                     rows.setdefault(k, []).append(v.cpu())
-                bar.update(len(batch["caption"]))
             tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
             tmp = out / f".tmp-{name}"
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata={"span": f"{start}-{stop}", "skipped": json.dumps(skipped)})
             publish(tmp, path)
-            shards.append({"file": name, "count": int(tensors["latents"].shape[0])})
+            shards.append({"file": name, "count": int(tensors["latents"].shape[0]) if tensors else 0})
     report = dataset.report() if hasattr(dataset, "report") else None
     manifest = {"complete": True, "total": sum(s["count"] for s in shards), "shards": shards,
                 "codec": recipe.codec.to_dict(), "data": recipe.data.to_dict(), "skipped": report}
     write_atomically(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
+
+
+def _finished_shard(path: Path, start: int, stop: int) -> tuple[int, list[tuple[str, str]]] | None:
+    """A shard an earlier run finished: its row count and the samples it skipped; None if damaged or not
+    this span (a crash cut it short, or an older cache)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            count = f.get_slice("latents").get_shape()[0] if "latents" in f.keys() else 0
+        skipped = [tuple(s) for s in json.loads(meta.get("skipped", "[]"))]
+    except Exception:  # cut short by a crash, or not a shard at all: encode it again
+        return None
+    if meta.get("span") != f"{start}-{stop}" or count + len(skipped) != stop - start:
+        return None
+    return count, skipped  # type: ignore[return-value]

@@ -1,9 +1,13 @@
 """Captioned image sources: a folder (``.txt`` beside each image, or ``metadata.jsonl``) and tar shards in the
 webdataset layout (``KEY.jpg|png`` + ``KEY.txt|json``). Both yield the same items for the same data.
 
-Bad data never stops a run: an unreadable, truncated or too-small image, or one without a caption, is skipped
-and counted (found by a header scan when the source opens, or when decoding fails later), and ``report()``
-summarises it with the first offending paths. An empty or missing source is a clear error before any model loads.
+Bad data never stops a run: an unreadable, truncated or too-small image, one without a caption, a file that a
+``metadata.jsonl`` row names but that does not exist, and a key a shard holds twice are skipped and counted (found
+by a header scan when the source opens, or when decoding fails later), and ``report()`` summarises it with the
+first offending paths. An empty or missing source is a clear error before any model loads.
+
+:meth:`ImageCaptionDataset.load` gives None for a sample that fails to decode (``cache`` skips it); indexing the
+data set, as training does, gives the next decodable sample in its place, counted and logged.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Record:
 
     key: str
     where: tuple[Any, ...]
+    """``("file", path)``, ``("tar", path, offset, size)``, or ``("missing", reason)`` for a sample to count."""
     caption: str | None
     path: str
 
@@ -55,22 +60,29 @@ def folder_records(root: Path, caption_suffix: str = ".txt") -> list[Record]:
     if not root.is_dir():
         raise UserError(f"data.root: no folder {root}")
     meta: dict[str, str] = {}
+    rows: dict[str, str] = {}  # resolved path -> where its row is, for files that turn out missing
     for jsonl in sorted(root.rglob("metadata.jsonl")):
-        for n, line in enumerate(jsonl.read_text().splitlines()):
+        for n, line in enumerate(jsonl.read_text(errors="replace").splitlines()):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                meta[str((jsonl.parent / row["file_name"]).resolve())] = row.get("text", row.get("caption", ""))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                resolved = str((jsonl.parent / row["file_name"]).resolve())
+                meta[resolved] = row.get("text", row.get("caption", ""))
+                rows[resolved] = f"{jsonl}:{n + 1} ({row['file_name']})"
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise UserError(f"{jsonl}:{n + 1}: expected a JSON object with file_name and text ({err})") from err
     records = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        caption = meta.get(str(path.resolve()))
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        resolved = str(path.resolve())
+        caption = meta.get(resolved)
+        rows.pop(resolved, None)
         if caption is None and path.with_suffix(caption_suffix).is_file():
             caption = path.with_suffix(caption_suffix).read_text(errors="replace").strip()
         key = str(path.relative_to(root).with_suffix(""))
         records.append(Record(key, ("file", str(path)), caption, str(path)))
+    for resolved, where in rows.items():  # rows whose file is not there
+        records.append(Record(resolved, ("missing", "missing file named in metadata.jsonl"), meta[resolved], where))
     return records
 
 
@@ -92,12 +104,17 @@ def tar_records(patterns: list[str]) -> list[Record]:
                     if member.isfile():  # webdataset: the key is the path up to the first dot of the file name
                         folder, name = posixpath.split(member.name.removeprefix("./"))
                         stem, _, ext = name.partition(".")
-                        groups.setdefault(posixpath.join(folder, stem), {})[ext.lower()] = member
+                        group = groups.setdefault(posixpath.join(folder, stem), {})
+                        if ext.lower() in group:  # the first one is used; the others are counted
+                            where = ("missing", "duplicate key in a shard")
+                            records.append(Record(stem, where, None, f"{tar_path}:{member.name}"))
+                            continue
+                        group[ext.lower()] = member
                 for key in sorted(groups):
                     members = groups[key]
                     image = next((members[e] for e in ("png", "jpg", "jpeg", "webp") if e in members), None)
                     if image is None:
-                        records.append(Record(key, ("missing",), None, f"{tar_path}:{key} (no image)"))
+                        records.append(Record(key, ("missing", "no image"), None, f"{tar_path}:{key}"))
                         continue
                     where = ("tar", tar_path, image.offset_data, image.size)
                     records.append(Record(key, where, _tar_caption(tar, members), f"{tar_path}:{image.name}"))
@@ -142,7 +159,8 @@ class ImageCaptionDataset(Dataset):
         if self.skipped:
             log.warning("%s: %s", source, self._summary())
 
-    def _skip(self, reason: str, path: str) -> None:
+    def skip(self, reason: str, path: str) -> None:
+        """Count one skipped sample (``cache`` also counts those of shards an earlier run finished)."""
         self.skipped[reason] += 1
         if len(self.examples) < 5:
             self.examples.append(f"{path} ({reason})")
@@ -152,19 +170,19 @@ class ImageCaptionDataset(Dataset):
         from PIL import Image, UnidentifiedImageError
 
         if r.where[0] == "missing":
-            self._skip("no image", r.path)
+            self.skip(r.where[1], r.path)
             return False
         if not r.caption:
-            self._skip("missing caption", r.path)
+            self.skip("missing caption", r.path)
             return False
         try:
             with Image.open(io.BytesIO(_read(r.where))) as im:
                 w, h = im.size
         except (UnidentifiedImageError, Image.DecompressionBombError, Exception):  # any failure: skip, count
-            self._skip("unreadable image", r.path)
+            self.skip("unreadable image", r.path)
             return False
         if min(w, h) < self.min_size:
-            self._skip(f"smaller than {self.min_size} px", r.path)
+            self.skip(f"smaller than {self.min_size} px", r.path)
             return False
         return True
 
@@ -179,14 +197,21 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def load(self, i: int) -> dict[str, Any] | None:
+        """Sample ``i``, or None (counted and logged) when its image fails to decode."""
+        r = self.records[i]
+        try:
+            return self._load(r, i)
+        except Exception as err:  # PIL raises many kinds (OSError, EOFError, zlib.error, ...): skip, count
+            self.skip("truncated or corrupt image", r.path)
+            log.warning("skipping %s: %s", r.path, err)
+            return None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         for k in range(len(self.records)):  # a file that fails to decode gives way to the next one
-            r = self.records[(i + k) % len(self.records)]
-            try:
-                return self._load(r, i)
-            except Exception as err:  # PIL raises many kinds (OSError, EOFError, zlib.error, ...): skip, count
-                self._skip("truncated or corrupt image", r.path)
-                log.warning("skipping %s: %s", r.path, err)
+            item = self.load((i + k) % len(self.records))
+            if item is not None:
+                return item
         raise UserError("no image of the data set could be decoded")
 
     def _load(self, r: Record, i: int) -> dict[str, Any]:

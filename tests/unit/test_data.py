@@ -253,3 +253,100 @@ def test_a_cache_of_other_settings_is_not_resumed(samples, tmp_path):
         build_cache(Recipe, out, shard_size=3)
     (out / "shard-00001.safetensors").write_bytes(b"cut short")  # a damaged shard is encoded again
     assert build_cache(Recipe, out, shard_size=4)["total"] == 6
+
+
+class _Spec:
+    def __init__(self, obj, d):
+        self.obj, self.d = obj, d
+
+    def build(self, **_):
+        return self.obj
+
+    def to_dict(self):
+        return self.d
+
+
+def _cache_recipe(dataset):
+    from lightning_distill.codecs.base import Codec as CodecBase
+
+    class Codec(CodecBase):
+        has_text = True
+
+        def encode(self, pixels):
+            return pixels[:, :1, ::4, ::4]
+
+        def caption_conditioning(self, captions, height, width, device, time_ids=None):
+            n = len(captions)
+            return {"text": torch.zeros(n, 2, 3), "pooled": torch.zeros(n, 3), "time_ids": time_ids}
+
+    class Recipe:
+        seed = 0
+        data = _Spec(dataset, {"name": "image_folder"})
+        codec = _Spec(Codec(), {"name": "test"})
+        train = type("T", (), {"batch_size": 2})
+
+    return Recipe
+
+
+def test_cache_skips_a_corrupt_image_and_never_stores_another_twice(samples, tmp_path):
+    from safetensors.torch import load_file
+
+    from lightning_distill.data.cache import build_cache
+
+    folder = samples["folder"]
+    good = _png(24, 24, 99)
+    (folder / "s2.png").write_bytes(good[: len(good) // 2])  # a header that reads, pixels that do not
+    dataset = _make("image_folder", root=str(folder), resolution=16)
+    assert len(dataset) == 6  # the header scan lets it through; decoding fails later
+    out = tmp_path / "cache"
+    manifest = build_cache(_cache_recipe(dataset), out, shard_size=4)
+    assert manifest["total"] == 5
+    latents = torch.cat([load_file(str(out / s["file"]))["latents"] for s in manifest["shards"] if s["count"]])
+    assert latents.shape[0] == 5
+    assert len({row.numpy().tobytes() for row in latents}) == 5  # no sample stored twice
+    assert "1 truncated or corrupt image" in manifest["skipped"] and "s2.png" in manifest["skipped"]
+    # a resumed cache keeps the count of what it skipped in its finished shards
+    (out / "manifest.json").unlink()
+    again = build_cache(_cache_recipe(_make("image_folder", root=str(folder), resolution=16)), out, shard_size=4)
+    assert again["total"] == 5 and "1 truncated or corrupt image" in again["skipped"], again["skipped"]
+
+
+def test_training_counts_a_substituted_sample(samples):
+    folder = samples["folder"]
+    good = _png(24, 24, 99)
+    (folder / "s2.png").write_bytes(good[: len(good) // 2])
+    dataset = _make("image_folder", root=str(folder), resolution=16)
+    item = dataset[2]  # gives way to the next sample, and says so
+    assert torch.equal(item["pixels"], dataset[3]["pixels"])
+    assert dataset.skipped["truncated or corrupt image"] >= 1 and "s2.png" in dataset.report()
+
+
+def test_metadata_rows_naming_missing_files_are_counted_and_named(samples):
+    folder = samples["folder"]
+    for p in folder.glob("*.txt"):
+        p.unlink()
+    rows = [{"file_name": f"{k}.png", "text": c} for k, (_, c) in samples["files"].items()]
+    rows += [{"file_name": "gone.png", "text": "a cat"}, {"file_name": "sub/also-gone.jpg", "text": "a dog"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = _make("image_folder", root=str(folder), resolution=16)
+    assert len(ds) == 6
+    report = ds.report()
+    assert "2 missing file named in metadata.jsonl" in report and "gone.png" in report, report
+    assert sum(ds.skipped.values()) == 2
+
+
+def test_tar_shards_count_corrupt_images_missing_images_and_duplicate_keys(samples, tmp_path):
+    good = _png(24, 24, 7)
+    shard = tmp_path / "bad.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in [("a.png", good), ("a.txt", b"a cat"), ("a.png", _png(24, 24, 8)),  # key 'a' twice
+                           ("b.txt", b"a dog"),  # caption without image
+                           ("c.png", good[: len(good) // 2]), ("c.txt", b"a cut image"), ("d.png", good), ("d.txt", b"ok")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ds = _make("tar_shards", shards=[str(shard)], resolution=16)
+    _ = [ds[i] for i in range(len(ds))]
+    report = ds.report()
+    for piece in ["duplicate key", "bad.tar:a", "no image", "truncated or corrupt image", "c.png"]:
+        assert piece in report, report

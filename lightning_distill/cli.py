@@ -1,6 +1,7 @@
 """``lightning-distill``: train, validate, cache, export, sample, components.
 
-Exit codes: 0 done, 2 user error (one clear message; ``--debug`` shows the traceback), 1 internal error.
+Exit codes: 0 done, 2 user error (one clear message; ``--debug`` shows the traceback), 1 a diverged run (one
+message; the newest checkpoint holds the last finite weights) or an internal error.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 import traceback
 
-from lightning_distill.errors import UserError
+from lightning_distill.errors import Diverged, UserError
 
 EPILOG = """examples:
   lightning-distill train recipes/debug.yaml --out runs/debug
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"diverged: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

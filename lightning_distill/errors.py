@@ -1,4 +1,4 @@
-"""Errors that reach the user as one clear message (CLI exit code 2)."""
+"""Errors that reach the user as one clear message: a user error (CLI exit code 2) or a diverged run (exit 1)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,9 @@ class RecipeError(UserError):
         super().__init__(f"{where}{key}{message}")
         self.path = path
         self.source = source
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss, gradient norm or weight. Raised on every rank at once (the check is
+    all-reduced), before the optimizer step and before anything is written, so the newest checkpoint on disk is
+    finite. The CLI prints the message alone and exits with code 1."""

@@ -57,3 +57,5 @@ class Progress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    on_fit_abort = on_fit_end

@@ -53,3 +53,5 @@ class TensorBoard(Callback):
             self.writer.flush()
             self.writer.close()
             self.writer = None
+
+    on_fit_abort = on_fit_end

@@ -75,6 +75,11 @@ class TrainConfig:
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
     preview_every: Annotated[int, Min(0)] = 0
     """Steps between sample grids; 0: only at the end of each phase."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: ``stop`` the run at once (exit 1, before the optimizer step and any
+    save; the newest checkpoint stays the newest finite one), or ``skip`` that optimizer step and count it."""
+    max_skipped_steps: Annotated[int, Min(0)] = 10
+    """With ``on_nonfinite: skip``: the run stops once a phase has skipped more steps than this."""
     compile: bool = False
     """``torch.compile`` every module of a phase in place (``nn.Module.compile``: weights and checkpoints keep
     their names). The first steps of each phase then include compilation."""

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_distill.errors import UserError
+from lightning_distill.errors import Diverged, UserError
 from lightning_distill.methods.base import PhaseFacts
 from lightning_distill.utils.files import publish
 
@@ -46,6 +46,10 @@ class Artifacts:
     def save(self, index: int, states: dict[str, dict[str, Tensor]], facts: PhaseFacts | None = None) -> None:
         """Write phase ``index``'s state dicts (keys ``NAME.KEY``), with ``facts`` in the file's metadata."""
         flat = {f"{name}.{k}": v.contiguous() for name, state in states.items() for k, v in state.items()}
+        bad = [k for k, v in flat.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # every rank holds the full tensors, so every rank raises here, before anything is written
+            raise Diverged(f"phase {self.names[index]!r}: its result holds non-finite values ({len(bad)} tensors, "
+                           f"first {bad[0]}); nothing was written. Lower the phase's lr, then run the same command")
         if self.fabric.is_global_zero:
             self.root.mkdir(parents=True, exist_ok=True)
             final = self.path(index)

@@ -12,9 +12,9 @@ from torch.utils.data import default_collate
 
 from lightning_distill.engine.artifacts import Artifacts
 from lightning_distill.engine.checkpoint import Checkpoints, rng_state, set_rng_state
-from lightning_distill.errors import UserError
+from lightning_distill.errors import Diverged, UserError
 from lightning_distill.engine.loader import make_loader
-from lightning_distill.engine.phase import module_views, run_iteration, setup_phase
+from lightning_distill.engine.phase import all_finite, module_views, run_iteration, setup_phase
 from lightning_distill.methods.base import Method, Phase
 from lightning_distill.config.recipe import Recipe
 
@@ -54,47 +54,72 @@ def fit(
     metrics: dict[str, float] = {}
 
     fabric.call("on_fit_start", fabric=fabric, total_steps=phases[-1].end, start_step=step)
-    for phase in phases:
-        if step >= phase.end:
-            continue
-        fabric.seed_everything(recipe.seed + phase.index, verbose=False)  # same fresh modules on every rank
-        run = setup_phase(fabric, method, phase, artifacts, recipe.optimizer, cfg.compile)
-        modules, state = run.modules, run.checkpoint_state()
-        if meta["phase"] == phase.index:  # resume inside this phase
-            own = ckpts.load(resume, state)  # type: ignore[arg-type]
-            set_rng_state(own["rng"])
-            for cb, cb_state in zip(callbacks, own["callbacks"]):
-                if cb_state is not None:
-                    cb.load_state_dict(cb_state)
-        else:  # each rank draws its own noise
-            torch.manual_seed(recipe.seed * 100_003 + phase.index * 1009 + fabric.global_rank)
-        fabric.call("on_phase_start", fabric=fabric, phase=phase, modules=modules, step=step)
+    try:
+        for phase in phases:
+            if step >= phase.end:
+                continue
+            fabric.seed_everything(recipe.seed + phase.index, verbose=False)  # same fresh modules on every rank
+            run = setup_phase(fabric, method, phase, artifacts, recipe.optimizer, cfg.compile)
+            modules, state = run.modules, run.checkpoint_state()
+            skipped = 0  # optimizer steps skipped as non-finite in this phase (train.on_nonfinite: skip)
+            if meta["phase"] == phase.index:  # resume inside this phase
+                own = ckpts.load(resume, state)  # type: ignore[arg-type]
+                set_rng_state(own["rng"])
+                skipped = own.get("skipped", 0)
+                for cb, cb_state in zip(callbacks, own["callbacks"]):
+                    if cb_state is not None:
+                        cb.load_state_dict(cb_state)
+            else:  # each rank draws its own noise
+                torch.manual_seed(recipe.seed * 100_003 + phase.index * 1009 + fabric.global_rank)
+            fabric.call("on_phase_start", fabric=fabric, phase=phase, modules=modules, step=step)
 
-        while step < phase.end:
-            micro = [fabric.to_device(next(batches)) for _ in range(cfg.grad_accum)]
-            logs = run_iteration(fabric, method, run, micro, step, cfg.clip_grad_norm)
-            step += 1
-            fabric.call("on_step_end", fabric=fabric, phase=phase, step=step, logs=logs, modules=modules)
+            while step < phase.end:
+                micro = [fabric.to_device(next(batches)) for _ in range(cfg.grad_accum)]
+                logs = run_iteration(fabric, method, run, micro, step, cfg.clip_grad_norm, cfg.on_nonfinite)
+                step += 1
+                for name in [k.removeprefix("skipped/") for k in logs if k.startswith("skipped/")]:
+                    skipped += 1
+                    if fabric.is_global_zero:
+                        log.warning("phase %r step %d: skipped the step of %r (non-finite loss or gradient); "
+                                    "%d of at most %d in this phase", phase.name, step, name, skipped, cfg.max_skipped_steps)
+                    if skipped > cfg.max_skipped_steps:
+                        raise Diverged(
+                            f"phase {phase.name!r} step {step}: {skipped} optimizer steps skipped as non-finite, more than "
+                            f"train.max_skipped_steps ({cfg.max_skipped_steps}); stopped before any save, so the newest "
+                            "checkpoint holds the last finite weights. Lower the phase's lr or set train.clip_grad_norm"
+                        )
+                fabric.call("on_step_end", fabric=fabric, phase=phase, step=step, logs=logs, modules=modules)
 
-            if step % cfg.log_every == 0 or step == phase.end:
-                metrics = {k: float(fabric.all_reduce(v.to(fabric.device), reduce_op="mean")) for k, v in logs.items()}
-                fabric.call("on_log", fabric=fabric, phase=phase, step=step, metrics=metrics)
-            if (cfg.preview_every and step % cfg.preview_every == 0) or step == phase.end:
-                method.attach(module_views(modules, active=None))
-                images = method.preview(preview_batch)
-                if images is not None:
-                    fabric.call("on_preview", fabric=fabric, phase=phase, step=step, images=images)
-            if step % cfg.checkpoint_every == 0 or step == phase.end:
-                if step == phase.end:  # before the checkpoint: a resume past this phase needs its result
-                    fabric.call("on_phase_result", fabric=fabric, phase=phase, modules=modules, step=step)
-                    artifacts.save(phase.index, method.artifact(), method.facts(phase))
-                own = {
-                    "rng": rng_state(),
-                    "loader": loader.state_dict(),
-                    "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
-                }
-                ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name})
-        fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
+                if step % cfg.log_every == 0 or step == phase.end:
+                    metrics = {k: float(fabric.all_reduce(v.to(fabric.device), reduce_op="mean")) for k, v in logs.items()}
+                    fabric.call("on_log", fabric=fabric, phase=phase, step=step, metrics=metrics)
+                if (cfg.preview_every and step % cfg.preview_every == 0) or step == phase.end:
+                    method.attach(module_views(modules, active=None))
+                    images = method.preview(preview_batch)
+                    if images is not None:
+                        fabric.call("on_preview", fabric=fabric, phase=phase, step=step, images=images)
+                if step % cfg.checkpoint_every == 0 or step == phase.end:
+                    trained = [p for name in run.optimizers for p in modules[name].parameters()]
+                    if not all_finite(fabric, trained):  # an optimizer step overflowed: never save such weights
+                        raise Diverged(
+                            f"phase {phase.name!r} step {step}: the trained weights are not finite; nothing was saved, so "
+                            "the newest checkpoint holds the last finite weights. Lower the phase's lr, then run the "
+                            "same command to resume"
+                        )
+                    if step == phase.end:  # before the checkpoint: a resume past this phase needs its result
+                        fabric.call("on_phase_result", fabric=fabric, phase=phase, modules=modules, step=step)
+                        artifacts.save(phase.index, method.artifact(), method.facts(phase))
+                    own = {
+                        "rng": rng_state(),
+                        "loader": loader.state_dict(),
+                        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
+                        "skipped": skipped,
+                    }
+                    ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name})
+            fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
+    except Diverged as err:  # callbacks flush what they hold (TensorBoard), then the CLI says why
+        fabric.call("on_fit_abort", fabric=fabric, step=step, error=err)
+        raise
     report = getattr(dataset, "report", lambda: None)()
     if report and fabric.is_global_zero:
         log.warning("data: %s", report)

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_distill.config.fields import Spec
 from lightning_distill.engine.artifacts import Artifacts
+from lightning_distill.errors import Diverged
 from lightning_distill.methods.base import Method, Phase
 
 
@@ -83,24 +84,57 @@ def prepare(fabric: Any, method: Method, state: PhaseState, micro: list[dict[str
         return [method.prepare(b, step) for b in micro]
 
 
+def all_finite(fabric: Any, tensors: list[torch.Tensor | None]) -> bool:
+    """Whether every tensor is finite on every rank: one max-abs norm per tensor (its local shard under FSDP2;
+    it overflows for no finite value, unlike a 2-norm in fp16) and one all-reduce, so all ranks agree."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
+    local = [t.detach() for t in local if t.numel()]
+    bad = torch.zeros((), device=fabric.device)
+    if local:
+        norms = torch.stack([n.float() for n in torch._foreach_norm(local, float("inf"))])
+        bad = (~torch.isfinite(norms)).any().float().to(fabric.device)
+    if fabric.world_size > 1:
+        bad = fabric.all_reduce(bad, reduce_op="sum")
+    return not bool(bad)
+
+
 def optimizer_step(
     fabric: Any, method: Method, state: PhaseState, name: str, prepared: list[dict[str, Any]],
-    clip_grad_norm: float | None,
+    clip_grad_norm: float | None, on_nonfinite: str = "stop", step: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One step of optimizer ``name`` over the iteration's micro-batches; returns what to log."""
+    """One step of optimizer ``name`` over the iteration's micro-batches; returns what to log.
+
+    A non-finite loss or gradient (on any rank) raises :class:`Diverged` before the optimizer steps
+    (``on_nonfinite="stop"``), or skips the step and logs ``skipped/NAME`` = 1 (``"skip"``)."""
     for other, params in state.trainable.items():  # gradients only into the module being stepped
         for p in params:
             p.requires_grad_(other == name)
     method.attach(module_views(state.modules, active=name))
     module, optimizer = state.modules[name], state.optimizers[name]
     logs: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=fabric.device)
     for i, b in enumerate(prepared):
         with fabric.no_backward_sync(module, enabled=i + 1 < len(prepared)):
             with fabric.autocast():
                 loss, extra = method.training_step(b, name)
             fabric.backward(loss / len(prepared))
+        total = total + loss.detach().float() / len(prepared)
         for k, v in extra.items():
             logs[k] = logs.get(k, 0) + v.detach().float() / len(prepared)
+    loss_ok = all_finite(fabric, [total])
+    if not (loss_ok and all_finite(fabric, [p.grad for p in state.trainable[name]])):
+        optimizer.zero_grad(set_to_none=True)
+        what = "gradient" if loss_ok else "loss"
+        if on_nonfinite == "skip":
+            return {f"skipped/{name}": torch.ones(())}
+        at = f" step {step}" if step is not None else ""
+        raise Diverged(
+            f"phase {state.phase.name!r}{at}: the {what} of {name!r} is not finite"
+            f"{'' if loss_ok else f' ({float(total):.4g})'}; stopped before the optimizer "
+            "step and before any save, so the newest checkpoint holds the last finite weights. Lower the phase's "
+            "lr or set train.clip_grad_norm, then run the same command to resume, or set train.on_nonfinite=skip "
+            "to skip such steps"
+        )
     if clip_grad_norm is not None:
         norm = fabric.clip_gradients(module, optimizer, max_norm=clip_grad_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
@@ -112,12 +146,13 @@ def optimizer_step(
 
 
 def run_iteration(
-    fabric: Any, method: Method, state: PhaseState, micro: list[dict[str, Any]], step: int, clip_grad_norm: float | None
+    fabric: Any, method: Method, state: PhaseState, micro: list[dict[str, Any]], step: int, clip_grad_norm: float | None,
+    on_nonfinite: str = "stop",
 ) -> dict[str, torch.Tensor]:
     """One training iteration at global ``step``: prepare the micro-batches, then step each optimizer the phase
-    steps there, in order. Returns what to log."""
+    steps there, in order. Returns what to log (``skipped/NAME`` for a step skipped as non-finite)."""
     prepared = prepare(fabric, method, state, micro, step)
     logs: dict[str, torch.Tensor] = {}
     for name in state.phase.optimizers_at(step):
-        logs.update(optimizer_step(fabric, method, state, name, prepared, clip_grad_norm))
+        logs.update(optimizer_step(fabric, method, state, name, prepared, clip_grad_norm, on_nonfinite, step + 1))
     return logs

@@ -1,0 +1,57 @@
+"""Faults that must not lose work: a diverging run, a damaged checkpoint or phase artifact."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from support import DEBUG_RECIPE, assert_same_weights, final_weights
+
+DIVERGE = ["schedule.stages.0.phases.0.lr=1e8", "train.clip_grad_norm=null", "train.checkpoint_every=1"]
+NAN = ["imports=[faults]", "method.regression_loss={name: nan_at_env}", "train.checkpoint_every=1"]
+
+
+def _all_finite(out):
+    """Every tensor of every checkpoint and phase artifact of a run folder is finite (and there is one)."""
+    files = list((out / "checkpoints").rglob("state-*")) + list((out / "phases").glob("*.safetensors"))
+    assert files
+    for f in files:
+        tensors = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=False)["model"]
+        for k, v in tensors.items():
+            assert not v.is_floating_point() or torch.isfinite(v).all(), f"{f}:{k}"
+
+
+def test_a_diverging_run_stops_with_exit_1_and_keeps_its_last_finite_checkpoints(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", str(DEBUG_RECIPE), "--out", str(out), *DIVERGE)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("diverged:")]
+    assert len(message) == 1 and "phase 's8-mse' step" in message[0] and "not finite" in message[0], result.stderr
+    assert "done" not in result.stdout
+    _all_finite(out)
+    assert not (out / "phases" / "00-s8-mse.safetensors").exists()
+
+
+def test_a_nan_step_stops_the_run_and_the_rerun_ends_as_if_nothing_happened(cli, tmp_path):
+    whole, faulty = tmp_path / "whole", tmp_path / "faulty"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *NAN).returncode == 0
+    first = cli("train", str(DEBUG_RECIPE), "--out", str(faulty), *NAN, env={"LD_NAN_AT_CALL": "3"})
+    assert first.returncode == 1 and "phase 's8-mse' step 3: the loss of 'student' is not finite" in first.stderr
+    assert sorted(p.name for p in (faulty / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    _all_finite(faulty)
+    again = cli("train", str(DEBUG_RECIPE), "--out", str(faulty), *NAN)  # the fault is gone: resume from step 2
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_weights(final_weights(whole), final_weights(faulty))
+
+
+def test_skipping_nonfinite_steps_counts_them_and_stops_past_the_cap(cli, tmp_path):
+    skip = ["train.on_nonfinite=skip", "train.max_skipped_steps=1"]
+    once = cli("train", str(DEBUG_RECIPE), "--out", str(tmp_path / "once"), *NAN, *skip, env={"LD_NAN_AT_CALL": "3"})
+    assert once.returncode == 0, once.stderr[-2000:]
+    assert "phase 's8-mse' step 3: skipped the step of 'student'" in once.stderr and "1 of at most 1" in once.stderr
+    _all_finite(tmp_path / "once")
+    twice = cli("train", str(DEBUG_RECIPE), "--out", str(tmp_path / "twice"), *NAN, *skip,
+                env={"LD_NAN_AT_CALL": "2,4"})
+    assert twice.returncode == 1, twice.stderr[-2000:]
+    assert "step 4: 2 optimizer steps skipped as non-finite, more than train.max_skipped_steps (1)" in twice.stderr

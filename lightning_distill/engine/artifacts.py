@@ -1,7 +1,10 @@
-"""Phase artifacts: the full state dicts a finished phase hands to later ones, one safetensors file each."""
+"""Phase artifacts: the full state dicts a finished phase hands to later ones, one safetensors file each, with
+its size and SHA-256 beside it (``NN-NAME.safetensors.json``): a file damaged since it was written is found
+before it is used, and a resume takes a checkpoint from before that phase ended to write it again."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +14,45 @@ from torch import Tensor, nn
 
 from lightning_distill.errors import Diverged, UserError
 from lightning_distill.methods.base import PhaseFacts
-from lightning_distill.utils.files import publish
+from lightning_distill.utils.files import digest, find_damage, publish, write_atomically
 
 
 def artifact_path(root: Path, phase_index: int, phase_name: str) -> Path:
     """Where phase ``phase_index`` leaves its artifact under ``root`` (a run's ``phases/`` folder)."""
     return Path(root) / f"{phase_index:02d}-{phase_name}.safetensors"
+
+
+def digest_path(path: Path) -> Path:
+    """Where the size and SHA-256 of artifact ``path`` are recorded."""
+    return path.with_name(path.name + ".json")
+
+
+def artifact_damage(path: Path, full: bool = True) -> str | None:
+    """What is wrong with artifact ``path`` (missing, cut short, or, with ``full``, changed), or None. Artifacts
+    written before digests were recorded are taken as they are."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} is missing"
+    recorded = digest_path(path)
+    if not recorded.is_file():
+        return None
+    try:
+        want = json.loads(recorded.read_text())
+    except (OSError, ValueError) as err:
+        return f"{recorded} cannot be read ({err})"
+    if not full:
+        size = path.stat().st_size
+        return None if size == want["size"] else f"{path} has {size} bytes, {want['size']} were written"
+    return find_damage(path.parent, {path.name: want})
+
+
+def load_artifact(path: Path) -> dict[str, Tensor]:
+    """An artifact's tensors, verified against the digest recorded when it was written."""
+    problem = artifact_damage(path)
+    if problem:
+        raise UserError(f"phase result damaged: {problem}. Restore it from a copy, or train that phase again by "
+                        "moving away the checkpoints written after it began and running the same command")
+    return load_file(str(path))
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
@@ -55,11 +91,16 @@ class Artifacts:
             final = self.path(index)
             tmp = final.with_name(f".tmp-{final.name}")
             save_file(flat, str(tmp), metadata=facts.to_metadata() if facts else None)
+            write_atomically(digest_path(final), json.dumps(digest(tmp)))
             publish(tmp, final)
         self.fabric.barrier()
+
+    def damage(self, index: int) -> str | None:
+        """What is wrong with phase ``index``'s artifact (missing or cut short; sizes only), or None."""
+        return artifact_damage(self.path(index), full=False)
 
     def __call__(self, index: int) -> dict[str, Tensor]:
         path = self.path(index)
         if not path.is_file():
             raise UserError(f"phase {self.names[index]!r} has no saved result at {path}; was the run folder changed?")
-        return load_file(str(path))
+        return load_artifact(path)

@@ -5,15 +5,22 @@ weights and optimizer through ``fabric.save``: one file, or a sharded folder und
 state, callback states) and ``meta.json``. It is written under a temporary name and renamed into place last,
 so a run killed while saving leaves the previous checkpoints intact; half-written folders are removed on the
 next start. Only the newest ``keep_last`` are kept.
+
+``meta.json`` records the size and SHA-256 of every file. A resume verifies the newest checkpoint and, if a
+file was damaged since (a disk or copy fault), warns naming it and takes the newest intact one instead; the
+damaged folder is left where it is (the run replaces it when it writes that step again). If none is intact,
+the run stops with the folder named (exit 2).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,9 @@ import numpy as np
 import torch
 
 from lightning_distill.errors import UserError
-from lightning_distill.utils.files import fsync_path
+from lightning_distill.utils.files import digests, find_damage, fsync_path
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -74,6 +83,42 @@ class Checkpoints:
         done = self.complete()
         return done[-1] if done else None
 
+    def damage(self, path: Path) -> str | None:
+        """What is wrong with checkpoint ``path`` (a file missing, cut short or changed), or None if intact.
+        Checkpoints written before files were recorded are taken as they are."""
+        try:
+            recorded = self.meta(path).get("files")
+        except (OSError, ValueError) as err:
+            return f"{path / 'meta.json'} cannot be read ({err})"
+        return find_damage(path, recorded) if recorded else None
+
+    def latest_intact(self, usable: Callable[[Path], str | None] = lambda _: None) -> Path | None:
+        """The newest checkpoint that is intact and ``usable`` (None: no reason against it), warning about each
+        newer one passed over; None when there is no checkpoint. Rank 0 verifies, every rank gets its choice.
+
+        Raises:
+            UserError: there are checkpoints, but none is intact and usable.
+        """
+        chosen: str | None = None
+        problems: list[str] = []
+        if self.fabric.is_global_zero:
+            for path in reversed(self.complete()):
+                problem = self.damage(path) or usable(path)
+                if problem is None:
+                    chosen = path.name
+                    break
+                problems.append(problem)
+                log.warning("checkpoint %s is not usable: %s; trying the one before (the folder is left as it is)",
+                            path.name, problem)
+        if self.fabric.world_size > 1:
+            chosen, problems = self.fabric.broadcast((chosen, problems), src=0)
+        if chosen is None and problems:
+            raise UserError(
+                f"no usable checkpoint in {self.root}: " + "; ".join(problems) + ". Restore the damaged files "
+                "from a copy, or move the checkpoints folder away to train from the start"
+            )
+        return self.root / chosen if chosen else None
+
     @staticmethod
     def meta(path: Path) -> dict[str, Any]:
         return json.loads((path / "meta.json").read_text())
@@ -101,7 +146,8 @@ class Checkpoints:
         torch.save(rank_state, tmp / f"rank-{fabric.global_rank}.pt")
         fabric.barrier()
         if fabric.is_global_zero:
-            meta = {**meta, "step": step, "world_size": fabric.world_size}
+            names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+            meta = {**meta, "step": step, "world_size": fabric.world_size, "files": digests(tmp, names)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             for f in [*tmp.rglob("*"), tmp]:  # files and folders: the rename must not outrun their contents
                 fsync_path(f)
@@ -109,7 +155,8 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_path(self.root)
-            for old in self.complete()[: -self.keep_last]:
+            # the newest keep_last up to this one; a newer, damaged one an earlier run left is not counted
+            for old in [c for c in self.complete() if c.name <= final.name][: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         fabric.barrier()
         return final

@@ -33,7 +33,12 @@ def fit(
     ckpts = Checkpoints(out_dir / "checkpoints", fabric, cfg.keep_last)
     artifacts = Artifacts(out_dir / "phases", fabric, {p.index: p.name for p in phases})
     ckpts.clean_partial()
-    resume = ckpts.latest()
+
+    def finished_phases_intact(path: Path) -> str | None:  # a checkpoint past a phase needs that phase's result
+        done = Checkpoints.meta(path)["step"]
+        return next((p for p in (artifacts.damage(ph.index) for ph in phases if ph.end <= done) if p), None)
+
+    resume = ckpts.latest_intact(finished_phases_intact)
     meta = ckpts.meta(resume) if resume else {"step": 0, "phase": -1}
     if resume and meta["world_size"] != fabric.world_size:
         raise UserError(

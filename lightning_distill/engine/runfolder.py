@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor
 
 from lightning_distill.config.recipe import LoadedRecipe, load_recipe
-from lightning_distill.engine.artifacts import artifact_path
+from lightning_distill.engine.artifacts import artifact_path, load_artifact
 from lightning_distill.errors import UserError
 from lightning_distill.methods.base import Method, Phase, PhaseFacts, PhaseModel
 
@@ -52,7 +51,7 @@ class RunFolder:
         return done[-1]
 
     def artifact(self, phase: Phase) -> dict[str, Tensor]:
-        return load_file(str(self.artifact_path(phase)))
+        return load_artifact(self.artifact_path(phase))
 
     def facts(self, phase: Phase) -> PhaseFacts:
         """The facts the method recorded when ``phase`` ended."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -53,3 +55,33 @@ def replace_folder(out: Path, write: Callable[[Path], None]) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def digest(path: Path) -> dict[str, int | str]:
+    """A file's size and SHA-256 (read in 8 MiB blocks; hashlib releases the GIL, so threads hash in parallel)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            sha.update(block)
+    return {"size": Path(path).stat().st_size, "sha256": sha.hexdigest()}
+
+
+def digests(folder: Path, names: list[str]) -> dict[str, dict[str, int | str]]:
+    """:func:`digest` of each file ``folder/NAME``, several at once."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(lambda n: digest(Path(folder) / n), names)))
+
+
+def find_damage(folder: Path, recorded: dict[str, dict[str, int | str]]) -> str | None:
+    """What is wrong with the files ``recorded`` (name -> size and SHA-256) under ``folder``, or None if all are
+    there as written. Sizes are compared first (cheap, and what a cut-short copy shows)."""
+    for name, want in recorded.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {want['size']} were written"
+    for name, got in digests(folder, list(recorded)).items():
+        if got["sha256"] != recorded[name]["sha256"]:
+            return f"{Path(folder) / name} does not hold the bytes written (SHA-256 differs)"
+    return None

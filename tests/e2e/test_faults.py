@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from support import DEBUG_RECIPE, assert_same_weights, final_weights
+from support import DEBUG_RECIPE, KILLABLE, assert_same_weights, final_weights
 
 DIVERGE = ["schedule.stages.0.phases.0.lr=1e8", "train.clip_grad_norm=null", "train.checkpoint_every=1"]
 NAN = ["imports=[faults]", "method.regression_loss={name: nan_at_env}", "train.checkpoint_every=1"]
@@ -55,3 +55,64 @@ def test_skipping_nonfinite_steps_counts_them_and_stops_past_the_cap(cli, tmp_pa
                 env={"LD_NAN_AT_CALL": "2,4"})
     assert twice.returncode == 1, twice.stderr[-2000:]
     assert "step 4: 2 optimizer steps skipped as non-finite, more than train.max_skipped_steps (1)" in twice.stderr
+
+
+def _cut(path):
+    """A copy or disk fault: the file loses its second half."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_previous_intact_one(cli, tmp_path):
+    whole, damaged = tmp_path / "whole", tmp_path / "damaged"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *KILLABLE).returncode == 0
+    killed = cli("train", str(DEBUG_RECIPE), "--out", str(damaged), *KILLABLE, env={"LD_KILL_AT_STEP": "11"})
+    assert killed.returncode != 0
+    ckpts = damaged / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000008", "step-00000010"]
+    _cut(ckpts / "step-00000010" / "state-student")
+    again = cli("train", str(DEBUG_RECIPE), "--out", str(damaged), *KILLABLE)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "checkpoint step-00000010 is not usable" in again.stderr and "state-student" in again.stderr
+    assert_same_weights(final_weights(whole), final_weights(damaged))
+
+
+def test_no_intact_checkpoint_exits_2_naming_the_folder(cli, tmp_path):
+    out = tmp_path / "run"
+    killed = cli("train", str(DEBUG_RECIPE), "--out", str(out), *KILLABLE, env={"LD_KILL_AT_STEP": "11"})
+    assert killed.returncode != 0
+    for folder in (out / "checkpoints").iterdir():
+        _cut(folder / "rank-0.pt")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = cli("train", str(DEBUG_RECIPE), "--out", str(out), *KILLABLE)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert f"error: no usable checkpoint in {out / 'checkpoints'}" in again.stderr and "Traceback" not in again.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "tensorboard" not in p.parts} == {
+        p: b for p, b in before.items() if "tensorboard" not in p.parts}  # nothing deleted or changed
+
+
+def test_a_damaged_phase_result_is_trained_again_from_a_checkpoint_before_it(cli, tmp_path):
+    keep = ["train.checkpoint_every=1", "train.keep_last=20"]
+    whole, damaged = tmp_path / "whole", tmp_path / "damaged"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *KILLABLE, *keep).returncode == 0
+    killed = cli("train", str(DEBUG_RECIPE), "--out", str(damaged), *KILLABLE, *keep, env={"LD_KILL_AT_STEP": "9"})
+    assert killed.returncode != 0
+    _cut(damaged / "phases" / "00-s8-mse.safetensors")
+    again = cli("train", str(DEBUG_RECIPE), "--out", str(damaged), *KILLABLE, *keep)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "00-s8-mse.safetensors has" in again.stderr  # named, then passed over for step 5 (inside the phase)
+    assert "checkpoint step-00000006 is not usable" in again.stderr and "step-00000005" not in again.stderr
+    assert_same_weights(final_weights(whole), final_weights(damaged))
+
+
+def test_a_changed_phase_result_is_refused_before_use(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(out)).returncode == 0
+    artifact = out / "phases" / "00-s8-mse.safetensors"
+    data = bytearray(artifact.read_bytes())
+    data[-5] ^= 0xFF  # same size, one byte flipped
+    artifact.write_bytes(bytes(data))
+    result = cli("export", str(out), "--stage", "s8-mse", "--format", "diffusers", "--out", str(tmp_path / "export"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "phase result damaged" in result.stderr and "SHA-256 differs" in result.stderr
+    assert not (tmp_path / "export").exists()

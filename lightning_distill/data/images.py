@@ -62,28 +62,36 @@ def folder_records(root: Path, caption_suffix: str = ".txt") -> list[Record]:
     meta: dict[str, str] = {}
     rows: dict[str, str] = {}  # resolved path -> where its row is, for files that turn out missing
     for jsonl in sorted(root.rglob("metadata.jsonl")):
-        for n, line in enumerate(jsonl.read_text(errors="replace").splitlines()):
+        for n, line in enumerate(jsonl.read_bytes().splitlines()):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode())
                 resolved = str((jsonl.parent / row["file_name"]).resolve())
                 meta[resolved] = row.get("text", row.get("caption", ""))
                 rows[resolved] = f"{jsonl}:{n + 1} ({row['file_name']})"
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise UserError(f"{jsonl}:{n + 1}: expected a JSON object with file_name and text ({err})") from err
+            except (KeyError, TypeError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
+                raise UserError(f"{jsonl}:{n + 1}: expected a UTF-8 JSON object with file_name and text ({err})") from err
     records = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         resolved = str(path.resolve())
         caption = meta.get(resolved)
         rows.pop(resolved, None)
         if caption is None and path.with_suffix(caption_suffix).is_file():
-            caption = path.with_suffix(caption_suffix).read_text(errors="replace").strip()
+            caption = _text_caption(path.with_suffix(caption_suffix))
         key = str(path.relative_to(root).with_suffix(""))
         records.append(Record(key, ("file", str(path)), caption, str(path)))
     for resolved, where in rows.items():  # rows whose file is not there
         records.append(Record(resolved, ("missing", "missing file named in metadata.jsonl"), meta[resolved], where))
     return records
+
+
+def _text_caption(path: Path) -> str | None:
+    """A ``.txt`` caption; None (the sample is skipped as without caption) when it is not UTF-8 text."""
+    try:
+        return path.read_bytes().decode().strip()
+    except (UnicodeDecodeError, OSError):
+        return None
 
 
 def tar_records(patterns: list[str]) -> list[Record]:
@@ -218,7 +226,7 @@ class ImageCaptionDataset(Dataset):
         from PIL import Image
 
         with Image.open(io.BytesIO(_read(r.where))) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             w, h = im.size
             res = self.resolution
             scale = res / min(w, h)
@@ -234,6 +242,23 @@ class ImageCaptionDataset(Dataset):
             pixels = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
         time_ids = torch.tensor([h, w, top, left, res, res], dtype=torch.float32)
         return {"pixels": pixels, "caption": r.caption, "time_ids": time_ids}
+
+
+def to_rgb(im: Any) -> Any:
+    """An image of any mode as 8-bit RGB: 16- and 32-bit grey scaled to 8 bits (``convert`` would clip them to
+    white), CMYK through PIL's conversion, and transparency (alpha, or a palette's transparent colour) laid
+    over white rather than dropped to whatever colour the transparent pixels hold."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    if im.mode == "P" and "transparency" in im.info or im.mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
 
 
 @dataclass(kw_only=True)

@@ -350,3 +350,25 @@ def test_tar_shards_count_corrupt_images_missing_images_and_duplicate_keys(sampl
     report = ds.report()
     for piece in ["duplicate key", "bad.tar:a", "no image", "truncated or corrupt image", "c.png"]:
         assert piece in report, report
+
+
+def test_images_of_every_mode_become_the_rgb_they_show(tmp_path):
+    from lightning_distill.data.images import to_rgb
+
+    def reopened(im, fmt="PNG", **kw):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return Image.open(io.BytesIO(buf.getvalue()))
+
+    grey16 = reopened(Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)))  # 16-bit mid grey
+    assert grey16.mode.startswith("I") and np.asarray(to_rgb(grey16)).tolist() == np.full((8, 8, 3), 128).tolist()
+    clear = Image.new("RGBA", (8, 8), (10, 200, 30, 0))  # fully transparent green: shows white
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    assert (np.asarray(to_rgb(reopened(clear))) == 255).all()
+    assert abs(int(np.asarray(to_rgb(reopened(half)))[0, 0, 0]) - 127) <= 1
+    palette = Image.new("P", (8, 8), 3)
+    palette.putpalette([0, 0, 0] * 3 + [250, 0, 0] + [0, 0, 0] * 252)
+    assert np.asarray(to_rgb(reopened(palette))).tolist()[0][0] == [250, 0, 0]
+    assert (np.asarray(to_rgb(reopened(palette, transparency=3))) == 255).all()
+    cmyk = reopened(Image.new("CMYK", (8, 8), (0, 255, 0, 0)), "JPEG", quality=100)
+    assert cmyk.mode == "CMYK" and np.abs(np.asarray(to_rgb(cmyk)).astype(int) - [255, 0, 255]).max() <= 2

@@ -7,11 +7,15 @@ message; the newest checkpoint holds the last finite weights) or an internal err
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 import traceback
 
 from lightning_distill.errors import Diverged, UserError
+
+WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
+"""Errors of the file system the user can fix (full disk or quota, read-only or forbidden folder, file too large)."""
 
 EPILOG = """examples:
   lightning-distill train recipes/debug.yaml --out runs/debug
@@ -99,6 +103,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"diverged: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in WRITE_FAULTS:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write{where}: {err.strerror or err}. Nothing written before was changed; free space (or "
+              "fix the folder's permissions) and run the same command again to go on from the last checkpoint",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -118,8 +118,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str,
     if path in chain:
         loop = " -> ".join(str(p) for p in (*chain, path))
         raise RecipeError(f"extends forms a loop: {loop}", source=str(path))
+    where = f" (extended by {chain[-1]})" if chain else ""
+    if path.is_dir():
+        raise UserError(f"recipe {path}{where} is a folder; give one of the YAML files in it")
     if not path.is_file():
-        where = f" (extended by {chain[-1]})" if chain else ""
         raise UserError(f"recipe file not found: {path}{where}")
     try:
         tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -128,6 +130,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str,
     except UnicodeDecodeError as err:
         raise RecipeError(f"not a text file (a recipe is UTF-8 YAML): {err.reason} at byte {err.start}",
                           source=str(path)) from err
+    except OSError as err:
+        raise UserError(f"cannot read recipe {path}{where}: {err.strerror or err}") from err
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -139,7 +143,11 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str,
         raise RecipeError("expected a path or a list of paths", path="extends", source=str(path))
     layers: list[tuple[str, dict[str, Any]]] = []
     for base in bases:
-        layers += _read_yaml((path.parent / base).resolve(), (*chain, path))
+        try:
+            base_path = (path.parent / str(base)).resolve()
+        except (OSError, RuntimeError) as err:
+            raise RecipeError(f"extends: cannot read {base}: {err}", source=str(path)) from err
+        layers += _read_yaml(base_path, (*chain, path))
     layers.append((str(path), tree))
     return layers
 
@@ -150,6 +158,10 @@ def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     for item in overrides:
         key, sep, text = item.partition("=")
         key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+        try:
+            item.encode()
+        except UnicodeEncodeError as err:  # bytes the shell passed that are not UTF-8
+            raise UserError(f"bad override {item!r}: not UTF-8 text ({err.reason} at character {err.start})") from err
         if not sep or not key or not all(part for part in key.split(".")):
             raise UserError(f"bad override {item!r}: write KEY=VALUE with a dotted key, e.g. train.batch_size=8")
         try:
@@ -182,7 +194,11 @@ def _has_path(tree: Any, path: str) -> bool:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  # type: ignore[assignment]
     """Read, merge, interpolate and validate a recipe. Imports ``imports:`` modules; builds nothing."""
-    layers = _read_yaml(Path(path).resolve(), ())
+    try:
+        resolved_path = Path(path).resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop, before Python 3.13
+        raise UserError(f"cannot read recipe {path}: {err}") from err
+    layers = _read_yaml(resolved_path, ())
     updates = _parse_overrides(list(overrides))
 
     def source(key: str) -> str | None:

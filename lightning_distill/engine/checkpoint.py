@@ -14,6 +14,7 @@ the run stops with the folder named (exit 2).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +49,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's facts, so that a changed ``meta.json`` (say, its step) is found too."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 class Checkpoints:
@@ -87,10 +93,12 @@ class Checkpoints:
         """What is wrong with checkpoint ``path`` (a file missing, cut short or changed), or None if intact.
         Checkpoints written before files were recorded are taken as they are."""
         try:
-            recorded = self.meta(path).get("files")
+            meta = self.meta(path)
         except (OSError, ValueError) as err:
             return f"{path / 'meta.json'} cannot be read ({err})"
-        return find_damage(path, recorded) if recorded else None
+        if "meta_sha256" in meta and meta.pop("meta_sha256") != _meta_digest(meta):
+            return f"{path / 'meta.json'} was changed since it was written (SHA-256 differs)"
+        return find_damage(path, meta["files"]) if "files" in meta else None
 
     def latest_intact(self, usable: Callable[[Path], str | None] = lambda _: None) -> Path | None:
         """The newest checkpoint that is intact and ``usable`` (None: no reason against it), warning about each
@@ -148,6 +156,7 @@ class Checkpoints:
         if fabric.is_global_zero:
             names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
             meta = {**meta, "step": step, "world_size": fabric.world_size, "files": digests(tmp, names)}
+            meta["meta_sha256"] = _meta_digest(meta)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             for f in [*tmp.rglob("*"), tmp]:  # files and folders: the rename must not outrun their contents
                 fsync_path(f)

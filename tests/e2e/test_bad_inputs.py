@@ -16,7 +16,22 @@ def _write(tmp_path, name, text):
     return str(path)
 
 
+def _folder(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return str(tmp_path / name)
+
+
+def _symlink_loop(tmp_path, name):
+    (tmp_path / name).symlink_to(name)
+    return str(tmp_path / name)
+
+
 CASES = {
+    "recipe is a folder": (lambda p: [_folder(p, "r.yaml")], ["r.yaml is a folder"]),
+    "recipe is a symlink loop": (lambda p: [_symlink_loop(p, "r.yaml")], ["cannot read recipe", "r.yaml", "loop"]),
+    "base recipe is a symlink loop": (lambda p: [_symlink_loop(p, "b.yaml"), _write(p, "r.yaml", "extends: b.yaml\n")][1:],
+                                      ["r.yaml", "extends: cannot read b.yaml"]),
+    "override not UTF-8": (lambda p: [str(DEBUG_RECIPE), "seed=\udcff"], ["bad override", "not UTF-8 text"]),
     "malformed yaml": (lambda p: [_write(p, "r.yaml", "train: {batch_size: 4\n  oops: [")], ["r.yaml", "not valid YAML"]),
     "unknown top-level key": (lambda p: [_write(p, "r.yaml", GOOD + "trian: {}\n")], ["r.yaml", "trian", "Did you mean 'train'?"]),
     "unknown nested key": (lambda p: [_write(p, "r.yaml", GOOD.replace("batch_size: 4", "batch_sise: 4"))],

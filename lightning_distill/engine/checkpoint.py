@@ -179,10 +179,56 @@ class Checkpoints:
                 f"{self.fabric.world_size}; resume with the same devices x num_nodes"
             )
         for name, part in state.items():
-            self.fabric.load(path / f"state-{name}", part)
+            folder = path / f"state-{name}"
+            if not folder.is_dir():
+                self.fabric.load(folder, part)
+                continue
+            part, without = _match_saved_optimizer(folder, part)
+            self.fabric.load(folder, part)
+            for p in without:
+                p.requires_grad_(True)
         return self.load_rank_state(path)
 
     def load_rank_state(self, path: Path) -> dict[str, Any]:
         return torch.load(path / f"rank-{self.fabric.global_rank}.pt", weights_only=False)
 
 
+
+
+def _match_saved_optimizer(folder: Path, part: dict[str, Any]) -> tuple[dict[str, Any], list[torch.nn.Parameter]]:
+    """Make a fresh optimizer hold state for exactly the parameters a sharded checkpoint holds state for.
+
+    Loading a sharded (FSDP2) checkpoint asks for the state of every parameter the optimizer has state for, and a
+    fresh optimizer would first initialise all of them (torch's ``_init_optim_state``). A checkpoint holds state
+    only for parameters that had received gradients (none at all when it was written before the optimizer's
+    first step, e.g. in a discriminator warm-up), so that load fails on the keys it lacks. Here those parameters
+    get their state by one step at learning rate 0 on zero gradients (the weights stay as they are; the loaded
+    values then replace the state), and the others are returned, set not to require gradients for the load
+    (which refuses trainable parameters without saved state; the caller sets them back). With no state saved,
+    the model is loaded alone, the optimizer staying fresh.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = "optimizer.state."
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    saved = {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
+    optimizer = getattr(part["optimizer"], "optimizer", part["optimizer"])  # inside Fabric's wrapper
+    if not saved:
+        return {k: v for k, v in part.items() if k != "optimizer"}, []
+    module = getattr(part["model"], "_original_module", part["model"])
+    with_state = [p for name, p in module.named_parameters() if name in saved]
+    without = [p for name, p in module.named_parameters() if name not in saved and p.requires_grad]
+    for p in without:
+        p.requires_grad_(False)
+    if optimizer.state:
+        return part, without
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in with_state:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    return part, without

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from support import DEBUG_RECIPE, KILLABLE, assert_same_weights, final_weights
 
 DIVERGE = ["schedule.stages.0.phases.0.lr=1e8", "train.clip_grad_norm=null", "train.checkpoint_every=1"]
-NAN = ["imports=[faults]", "method.regression_loss={name: nan_at_env}", "train.checkpoint_every=1"]
+NAN = ["imports=[nan_loss]", "method.regression_loss={name: nan_at_env}", "train.checkpoint_every=1"]
 
 
 def _all_finite(out):

@@ -103,10 +103,11 @@ def cli(args: list[str], fault: str | None = None, env: dict[str, str] | None = 
     return Result(proc.returncode, out, err)
 
 
-def events(args: list[str], env: dict[str, str] | None = None) -> tuple[Result, int]:
-    """Run ``args`` once, counting its write events (the most any of its processes made)."""
+def events(args: list[str], env: dict[str, str] | None = None, what: str = "count") -> tuple[Result, int]:
+    """Run ``args`` once, counting its write events (``count-data``: data writes alone; the most any of its
+    processes made)."""
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        result = cli(args, "count", {**(env or {}), "LD_FAULT_LOG": log.name})
+        result = cli(args, what, {**(env or {}), "LD_FAULT_LOG": log.name})
         counts = [int(n) for n in Path(log.name).read_text().split()]
     if result.code != 0:
         raise SystemExit(f"reference run failed: {' '.join(args)}\n{result.err[-3000:]}")
@@ -392,9 +393,10 @@ class Suite:
         self.groups += [g, skip]
 
     def disk_full(self) -> None:
-        g = Group("disk full (OSError ENOSPC at a random write; then rerun)",
+        g = Group("disk full (OSError ENOSPC at a random data write; then rerun)",
                   "exit 2, one 'error:' line naming the file, no traceback, earlier checkpoints intact; rerun identical")
-        ref, count, _ = self.reference("single", [])
+        ref, _, _ = self.reference("single", [])
+        _, count = events(["train", DEBUG, "--out", str(self.folder("count-data")), *TRAIN], what="count-data")
         for i in range(self.n(8)):
             at = self.rng.randint(1, count)
             out = self.folder("enospc")
@@ -408,7 +410,7 @@ class Suite:
                     return problem
                 return self.resumed_identical(out, [], ref)
 
-            self.trial(g, f"ENOSPC at write {at} of {count}", check)
+            self.trial(g, f"ENOSPC at data write {at} of {count}", check)
         self.groups.append(g)
 
     # ---- bad inputs -----------------------------------------------------------------------------------------
@@ -511,7 +513,7 @@ class Suite:
              ["cache", TINY, folder_data(images)], 0,
              ["unreadable image", "truncated or corrupt image", "missing caption", "huge.png", "empty.png"], 8),
             ("data folders", "only bad images", ["cache", TINY, folder_data(base / "all-bad")], 2,
-             ["no usable images"], None),
+             ["no sample of the data could be decoded", "cut.png"], None),
             ("data folders", "metadata.jsonl names a missing file", ["cache", TINY, folder_data(meta_missing)], 0,
              ["1 missing file named in metadata.jsonl", "gone.png"], 3),
             ("shards", "duplicate keys, a non-UTF-8 caption", ["cache", TINY, shard_data(dup)], 0,

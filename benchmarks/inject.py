@@ -7,7 +7,9 @@ results, exports, cache shards, manifests). ``$LD_FAULT`` chooses what happens a
     LD_FAULT=count LD_FAULT_LOG=FILE   count the events; each process appends its count to FILE at exit
     LD_FAULT=kill:K                    SIGKILL every process of the run (its process group) before event K
     LD_FAULT=kill-after:K              the same, just after event K completes
-    LD_FAULT=enospc:K                  event K raises OSError(ENOSPC), as a full disk does
+    LD_FAULT=enospc:K                  data write K (renames not counted: they take no space) raises
+                                       OSError(ENOSPC), as a full disk does
+    LD_FAULT=count-data                count the data writes alone
 
     LD_FAULT=kill:12 python benchmarks/inject.py train recipes/debug.yaml --out runs/x
 
@@ -39,9 +41,13 @@ def install(spec: str) -> None:
     target = int(at or 0)
     count = 0
 
-    def wrap(fn):
+    data_only = mode in ("enospc", "count-data")
+
+    def wrap(fn, writes_data: bool = True):
         def wrapped(*args, **kwargs):
             nonlocal count
+            if data_only and not writes_data:
+                return fn(*args, **kwargs)
             count += 1
             if count == target and mode == "kill":
                 os.killpg(os.getpgid(0), signal.SIGKILL)
@@ -57,8 +63,8 @@ def install(spec: str) -> None:
         return wrapped
 
     torch.save = wrap(torch.save)
-    os.replace, os.rename = wrap(os.replace), wrap(os.rename)
-    Path.rename = wrap(Path.rename)
+    os.replace, os.rename = wrap(os.replace, False), wrap(os.rename, False)
+    Path.rename = wrap(Path.rename, False)
     Path.write_text, Path.write_bytes = wrap(Path.write_text), wrap(Path.write_bytes)
     real_save_file = safetensors.torch.save_file
     safetensors.torch.save_file = wrapped_save_file = wrap(real_save_file)
@@ -66,7 +72,7 @@ def install(spec: str) -> None:
         if name.startswith("lightning_distill") and getattr(module, "save_file", None) is real_save_file:
             module.save_file = wrapped_save_file
 
-    if mode == "count":
+    if mode.startswith("count"):
         log = os.environ["LD_FAULT_LOG"]
         atexit.register(lambda: Path(log).open("a").write(f"{count}\n"))
 

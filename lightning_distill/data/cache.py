@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
     batch_size = batch_size or recipe.train.batch_size
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".tmp-*"):
         tmp.unlink()
@@ -138,6 +140,10 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
             publish(tmp, path)
             shards.append({"file": name, "count": int(tensors["latents"].shape[0]) if tensors else 0})
     report = dataset.report() if hasattr(dataset, "report") else None
+    if not any(s["count"] for s in shards):
+        if created:  # leave no trace of a cache that holds nothing
+            shutil.rmtree(out, ignore_errors=True)
+        raise UserError(f"no sample of the data could be decoded ({report}); nothing was cached")
     manifest = {"complete": True, "total": sum(s["count"] for s in shards), "shards": shards,
                 "codec": recipe.codec.to_dict(), "data": recipe.data.to_dict(), "skipped": report}
     write_atomically(out / "manifest.json", json.dumps(manifest, indent=2))

@@ -48,12 +48,13 @@ def fit(
     step: int = meta["step"]
 
     dataset = recipe.data.build(seed=recipe.seed)
+    # decoded before anything is written: data none of which decodes stops the run with the folder as it was
+    preview_batch = fabric.to_device(default_collate([dataset[i] for i in range(min(cfg.batch_size, len(dataset)))]))
     on_start()
     loader = make_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=recipe.seed, fabric=fabric)
     if resume:
         loader.load_state_dict(ckpts.load_rank_state(resume)["loader"])
     batches = iter(loader)
-    preview_batch = fabric.to_device(default_collate([dataset[i] for i in range(min(cfg.batch_size, len(dataset)))]))
     codec = fabric.to_device(recipe.codec.build().eval().requires_grad_(False))
     method: Method = recipe.method.build(phases=phases, codec=codec, seed=recipe.seed)
     metrics: dict[str, float] = {}

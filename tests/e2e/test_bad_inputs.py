@@ -26,7 +26,23 @@ def _symlink_loop(tmp_path, name):
     return str(tmp_path / name)
 
 
+def _undecodable_images(tmp_path):
+    """A folder whose one image passes the header scan and fails to decode."""
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, "PNG", compress_level=0)
+    (folder / "a.png").write_bytes(buf.getvalue()[:200])
+    (folder / "a.txt").write_text("a red square")
+    return f"data={{name: image_folder, root: '{folder}', resolution: 8, min_size: 8}}"
+
+
 CASES = {
+    "no image decodes": (lambda p: [str(DEBUG_RECIPE), _undecodable_images(p)], ["no image of the data set could be decoded"]),
     "recipe is a folder": (lambda p: [_folder(p, "r.yaml")], ["r.yaml is a folder"]),
     "recipe is a symlink loop": (lambda p: [_symlink_loop(p, "r.yaml")], ["cannot read recipe", "r.yaml", "loop"]),
     "base recipe is a symlink loop": (lambda p: [_symlink_loop(p, "b.yaml"), _write(p, "r.yaml", "extends: b.yaml\n")][1:],

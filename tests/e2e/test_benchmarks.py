@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from support import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -84,3 +86,15 @@ def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
     mean, sd = table[("mse", 1)]["fd"].split(" ± ")
     assert abs(float(mean) - sum(fd) / 2) < 1e-3 and abs(float(sd) - abs(fd[0] - fd[1]) / 2**0.5) < 1e-3
     assert "| model | steps | seeds | fd |" in done.stdout
+
+
+@pytest.mark.slow
+def test_fault_injection_suite_passes_one_trial_of_each_fault():
+    """benchmarks/faults.py --quick: one trial per fault group through the real CLI (about 3 min on 2 cores)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) >= 10 and all("| 100 % |" in row for row in rows), result.stdout

@@ -372,3 +372,17 @@ def test_images_of_every_mode_become_the_rgb_they_show(tmp_path):
     assert (np.asarray(to_rgb(reopened(palette, transparency=3))) == 255).all()
     cmyk = reopened(Image.new("CMYK", (8, 8), (0, 255, 0, 0)), "JPEG", quality=100)
     assert cmyk.mode == "CMYK" and np.abs(np.asarray(to_rgb(cmyk)).astype(int) - [255, 0, 255]).max() <= 2
+
+
+def test_a_cache_of_nothing_decodable_is_an_error_that_leaves_no_folder(samples, tmp_path):
+    from lightning_distill.data.cache import build_cache
+
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    good = _png(24, 24, 99)
+    (folder / "a.png").write_bytes(good[: len(good) // 2])  # passes the header scan, fails to decode
+    (folder / "a.txt").write_text("a cat")
+    out = tmp_path / "cache"
+    with pytest.raises(UserError, match="no sample of the data could be decoded.*a.png"):
+        build_cache(_cache_recipe(_make("image_folder", root=str(folder), resolution=16)), out, shard_size=4)
+    assert not out.exists()

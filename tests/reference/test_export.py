@@ -138,7 +138,9 @@ def test_export_reads_the_facts_recorded_with_the_phase(lora_run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from lightning_distill.engine.artifacts import digest_path
     from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.utils.files import digest
 
     folder = RunFolder(lora_run)
     phase = folder.pick()
@@ -151,6 +153,7 @@ def test_export_reads_the_facts_recorded_with_the_phase(lora_run, tmp_path):
     shutil.copytree(lora_run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     path = RunFolder(copy).artifact_path(phase)
     save_file(load_file(str(path)), str(path), metadata={**recorded, "prediction": "v_prediction"})
+    digest_path(path).write_text(json.dumps(digest(path)))  # rewritten on purpose, so recorded as such
     result = run_cli("export", str(copy), "--format", "diffusers", "--out", str(tmp_path / "export"))
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "export" / "lightning_distill.json").read_text())

@@ -282,8 +282,16 @@ def schedule_from_pretrained(pretrained: str, subfolder: str = "scheduler") -> t
 
     from lightning_distill.errors import UserError
 
+    from pathlib import Path
+
+    from lightning_distill.models.architectures import known_config
+
+    known = known_config(pretrained, subfolder)
     try:
-        c = DDPMScheduler.load_config(pretrained, subfolder=subfolder)
+        if known is not None and not (Path(pretrained).expanduser() / subfolder).is_dir():
+            c = known
+        else:
+            c = DDPMScheduler.load_config(pretrained, subfolder=subfolder)
     except (OSError, ValueError):
         return None
     where = f"{pretrained}/{subfolder}/scheduler_config.json"

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_distill.config.fields import component
 from lightning_distill.errors import UserError
-from lightning_distill.utils.pretrained import load_pretrained
+from lightning_distill.utils.pretrained import load_pretrained, network_config
 from lightning_distill.utils.tensors import DTYPES, Dtype
 from lightning_distill.models.noise import Prediction, Schedule
 
@@ -58,7 +58,7 @@ def load_network(cls: Any, config: PretrainedTeacherConfig, empty: bool = False)
     """The network of ``config`` (``cls.from_pretrained``); with ``empty``, its architecture alone on the caller's
     device context (meta), no weights read."""
     if empty:
-        return cls.from_config(cls.load_config(config.pretrained, subfolder=config.subfolder)).to(DTYPES[config.dtype])
+        return cls.from_config(network_config(cls, config.pretrained, config.subfolder)).to(DTYPES[config.dtype])
     return load_pretrained(cls, config.pretrained, config.subfolder, variant=config.variant,
                            torch_dtype=DTYPES[config.dtype])
 

@@ -213,48 +213,6 @@ def test_compressed_shards_are_a_clear_error(tmp_path):
         _make("tar_shards", shards=[str(shard)], resolution=16)
 
 
-def test_a_cache_of_other_settings_is_not_resumed(samples, tmp_path):
-    from lightning_distill.data.cache import build_cache
-
-    class Spec:
-        def __init__(self, obj, d):
-            self.obj, self.d = obj, d
-
-        def build(self, **_):
-            return self.obj
-
-        def to_dict(self):
-            return self.d
-
-    from lightning_distill.codecs.base import Codec as CodecBase
-
-    class Codec(CodecBase):
-        has_text = True
-
-        def encode(self, pixels):
-            return pixels[:, :1, ::4, ::4]
-
-        def encode_text(self, captions, time_ids):
-            n = len(captions)
-            return {"text": torch.zeros(n, 2, 3), "pooled": torch.zeros(n, 3), "time_ids": time_ids}
-
-        def caption_conditioning(self, captions, height, width, device, time_ids=None):
-            return self.encode_text(captions, time_ids)  # SDXL-like: the batch's own micro-conditioning
-
-    class Recipe:
-        seed = 0
-        data = Spec(_make("image_folder", root=str(samples["folder"]), resolution=16), {"name": "image_folder"})
-        codec = Spec(Codec(), {"name": "test"})
-        train = type("T", (), {"batch_size": 2})
-
-    out = tmp_path / "cache"
-    assert build_cache(Recipe, out, shard_size=4)["total"] == 6
-    with pytest.raises(UserError, match="other data, codec or shard size"):
-        build_cache(Recipe, out, shard_size=3)
-    (out / "shard-00001.safetensors").write_bytes(b"cut short")  # a damaged shard is encoded again
-    assert build_cache(Recipe, out, shard_size=4)["total"] == 6
-
-
 class _Spec:
     def __init__(self, obj, d):
         self.obj, self.d = obj, d
@@ -286,6 +244,18 @@ def _cache_recipe(dataset):
         train = type("T", (), {"batch_size": 2})
 
     return Recipe
+
+
+def test_a_cache_of_other_settings_is_not_resumed(samples, tmp_path):
+    from lightning_distill.data.cache import build_cache
+
+    Recipe = _cache_recipe(_make("image_folder", root=str(samples["folder"]), resolution=16))
+    out = tmp_path / "cache"
+    assert build_cache(Recipe, out, shard_size=4)["total"] == 6
+    with pytest.raises(UserError, match="other data, codec or shard size"):
+        build_cache(Recipe, out, shard_size=3)
+    (out / "shard-00001.safetensors").write_bytes(b"cut short")  # a damaged shard is encoded again
+    assert build_cache(Recipe, out, shard_size=4)["total"] == 6
 
 
 def test_cache_skips_a_corrupt_image_and_never_stores_another_twice(samples, tmp_path):

@@ -1,4 +1,4 @@
-"""``lightning-distill``: train, validate, cache, export, sample, components.
+"""``lightning-distill``: train, validate, plan, cache, export, sample, components.
 
 Exit codes: 0 done, 2 user error (one clear message; ``--debug`` shows the traceback), 1 a diverged run (one
 message; the newest checkpoint holds the last finite weights) or an internal error.
@@ -13,6 +13,7 @@ from pathlib import Path
 import traceback
 
 from lightning_distill.errors import Diverged, UserError
+from lightning_distill.plan.planner import GPUS
 
 WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
 """Errors of the file system the user can fix (full disk or quota, read-only or forbidden folder, file too large)."""
@@ -23,6 +24,7 @@ EPILOG = """examples:
   lightning-distill validate recipes/debug.yaml schedule.stages.0.phases.0.steps=10
   lightning-distill export runs/sdxl --format lora --out exports/sdxl-lora
   lightning-distill sample runs/sdxl --prompt "a photo of a cat" --seed 0 --out cat.png
+  lightning-distill plan recipes/sdxl_lightning/lora.yaml --gpu 4090
   lightning-distill components loss
 """
 
@@ -70,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--stage", help="run folders: stage or phase name (default: the last finished phase)")
     sample.add_argument("--base", help="exported models: base pipeline (default: the one it was distilled from)")
     sample.add_argument("--out", required=True, help="PNG file to write")
+    plan = sub.add_parser("plan", help="memory per device and FLOPs of every phase, before anything runs")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--gpu", help=f"whether each phase fits, and a time per step: one of {', '.join(GPUS)}")
+    plan.add_argument("--gpu-memory", type=float, help="GiB of another device (with --gpu-tflops)")
+    plan.add_argument("--gpu-tflops", type=float, help="its dense bf16 TFLOP/s")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     components = sub.add_parser("components", help="list registered components and their settings")
     components.add_argument("role", nargs="?", help="only this role (teacher, loss, ...)")
     return parser
@@ -151,6 +161,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"cached {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out}")
         if manifest["skipped"]:
             print(manifest["skipped"])
+        return 0
+    if args.command == "plan":
+        import json
+
+        from lightning_distill.plan import gpu_spec, plan_recipe, plan_table
+
+        gpu = gpu_spec(args.gpu, args.gpu_memory, args.gpu_tflops)
+        plans = plan_recipe(loaded, gpu, args.mfu)
+        if args.json:
+            print(json.dumps({"phases": [p.to_dict() for p in plans], "gpu": gpu}, indent=2))
+        else:
+            print(plan_table(plans, gpu))
         return 0
     if args.command == "validate":
         print(dump_recipe(loaded.resolved), end="")

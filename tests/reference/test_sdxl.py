@@ -190,3 +190,26 @@ def test_sdxl_recipe_runs_every_phase_kind_through_the_cli(cli, tiny_sdxl, tmp_p
     last = load_file(str(sorted((out / "phases").glob("*.safetensors"))[-1]))
     assert last and not any("lora_" in k or "base_layer" in k for k in last)
     assert any(k.startswith("student.net.unet.") for k in last)
+
+
+def test_frozen_unet_encoder_is_the_teachers_own_and_trains_only_the_head(teacher, codec):
+    """LADD-style: the same features as the copy, no parameters of its own, gradients reach the input only."""
+    from lightning_distill.config.fields import validate
+
+    cls, cfg = _build("backbone", "unet_encoder")
+    copied = cls(cfg, teacher=teacher)
+    frozen = cls(validate({"frozen": True}, cls.Config), teacher=teacher)
+    assert list(frozen.parameters()) == [] and frozen.state_dict() == {}
+    assert frozen.conv_in is teacher.denoiser.unet.conv_in
+    cond = _cond(codec)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    t = torch.tensor([999, 250])
+    assert torch.allclose(frozen(x, t, cond), copied(x, t, cond), atol=1e-6)
+    dcls = REGISTRIES["discriminator"].get("backbone_head")
+    disc = dcls(validate({"backbone": {"name": "unet_encoder", "frozen": True}, "head": {"name": "conv", "channels": 32}},
+                         dcls.Config), teacher=teacher, conditional=True)
+    assert {n.split(".")[0] for n, _ in disc.named_parameters()} == {"head"}
+    logits = disc(x, torch.tensor([499, 249]), cond, x.detach(), torch.tensor([999, 499]))
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())

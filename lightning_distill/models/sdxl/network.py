@@ -120,17 +120,24 @@ class UNetTeacher(SDXLTeacher):
 
 @BACKBONES.register("unet_encoder")
 class UNetEncoder(nn.Module):
-    """A trainable copy of the teacher UNet's conv_in, time and added embeddings, down blocks and mid block.
+    """A trainable copy of the teacher UNet's conv_in, time and added embeddings, down blocks and mid block, or
+    (``frozen: true``, LADD-style, arXiv 2403.12015) the frozen teacher's own, referenced rather than copied:
+    then nothing of the backbone trains or is saved, only the head (the memory of a 1.3 B-parameter copy, its
+    gradients and Adam state at SDXL size), while gradients still reach the generated latents.
 
     ``forward(x, t, cond)`` returns the mid block's features (``block_out_channels[-1]`` channels at 1/2^(levels-1)
     of the latent size), text- and time-conditioned exactly as in the UNet.
     """
+
+    PARTS = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks", "mid_block")
 
     @dataclass(kw_only=True)
     class Config:
         dtype: Dtype = "float32"
         gradient_checkpointing: bool = False
         """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
+        frozen: bool = False
+        """Use the frozen teacher's encoder itself (its weights must be whole on each device: one device or DDP)."""
 
     def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
         super().__init__()
@@ -141,11 +148,20 @@ class UNetEncoder(nn.Module):
         unet = denoiser.unet
         self.unet_config = unet.config
         self.schedule = teacher.schedule
-        for name in ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks", "mid_block"):
+        self.frozen = config.frozen
+        self.out_channels = unet.config.block_out_channels[-1]
+        if config.frozen:  # held outside the module tree: not in this module's parameters or state dict
+            self._teacher_unet = (unet,)
+            return
+        for name in self.PARTS:
             part = getattr(unet, name, None)
             setattr(self, name, copy.deepcopy(part) if part is not None else None)
         self.to(DTYPES[config.dtype]).requires_grad_(True).train()
-        self.out_channels = unet.config.block_out_channels[-1]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in UNetEncoder.PARTS and self.__dict__.get("frozen"):
+            return getattr(self.__dict__["_teacher_unet"][0], name)
+        return super().__getattr__(name)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         dtype = self.conv_in.weight.dtype
@@ -181,6 +197,6 @@ class UNetEncoder(nn.Module):
         return block(h, emb)
 
     def fsdp_units(self) -> list[nn.Module]:
-        return [*self.down_blocks, self.mid_block]
+        return [] if self.frozen else [*self.down_blocks, self.mid_block]
 
 

@@ -1,0 +1,275 @@
+"""``lightning-distill plan``: what each phase of a recipe needs per device, before anything runs.
+
+Every phase is built at its real size on the meta device (no weights read, no data opened; the shipped recipes'
+base models from their published configs) and one training iteration is run there: the method's ``prepare``
+(teacher solver steps) and, for each optimizer the phase steps, its forward and backward. From that:
+
+- **parameters** of each module (trained, frozen) in the dtype they are held in (``*-true`` precision casts all);
+- **gradients** of the trained parameters; **optimizer** state (Adam: two tensors like the parameters; 8-bit Adam:
+  two bytes a parameter);
+- **activations**: the peak of the bytes ops keep alive during the iteration (autograd's saved tensors and the
+  temporaries around them), measured op by op (:class:`~lightning_distill.plan.memory.LiveBytes`), minus the
+  gradients; run in the compute dtype (bf16 for ``bf16-*``);
+- under FSDP2, parameters, gradients and optimizer state divided among the ranks, plus two gathered units (the
+  largest block, all-gathered while it runs and the next one prefetched);
+- **rest**: 0.75 GiB of CUDA context and 5 % of the rest for allocator fragmentation (assumed, not measured);
+- **TFLOP** per sample and per step, counted with ``torch.utils.flop_counter`` as ``benchmarks/step.py`` does
+  (gradient checkpointing's recomputation included).
+
+Approximate: attention kernels differ on a GPU (flash attention keeps no score matrix; the meta run's SDPA
+math path may), autocast keeps some ops in fp32, and the allocator's fragmentation is a guess.
+The peak of a real CPU step of small configurations is within 15 % of the plan (``tests/unit/test_plan.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_distill.errors import UserError
+from lightning_distill.plan.memory import LiveBytes, fused_attention
+
+GIB = 2**30
+GPUS: dict[str, tuple[float, float]] = {
+    "h100": (79.6, 989.0), "h200": (139.8, 989.0), "a100": (79.2, 312.0), "a100-40": (39.4, 312.0),
+    "l40s": (44.5, 362.0), "4090": (24.0, 165.0),
+}
+"""Name -> (memory GiB as torch reports it, dense bf16 TFLOP/s)."""
+CONTEXT_GIB = 0.75
+FRAGMENTATION = 0.05
+def _family_shapes(codec: str, r: int, codec_config: dict[str, Any], net: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of a family's cached batch at resolution ``r``, read off the teacher network's config
+    (a fine-tune or a tiny test model has its own widths)."""
+    channels = net.get("in_channels", 4)
+    if codec == "flux":
+        channels //= 4  # packed 2x2 into the transformer's input
+    latents = (channels, r // 8, r // 8)
+    if codec == "sdxl":
+        pooled = net["projection_class_embeddings_input_dim"] - 6 * net["addition_time_embed_dim"]
+        return {"latents": latents, "text": (77, net["cross_attention_dim"]), "pooled": (pooled,), "time_ids": (6,)}
+    if codec == "sd15":
+        return {"latents": latents, "text": (77, net["cross_attention_dim"])}
+    tokens = codec_config.get("max_sequence_length", 256 if codec == "sd3" else 512)
+    return {"latents": latents, "text": ((77 if codec == "sd3" else 0) + tokens, net["joint_attention_dim"]),
+            "pooled": (net["pooled_projection_dim"],)}
+
+
+FAMILIES = ("sdxl", "sd15", "sd3", "flux")
+
+
+@dataclass
+class PhasePlan:
+    phase: str
+    params_trained: int
+    params_frozen: int
+    parts: dict[str, float]
+    """GiB per rank: parameters, gradients, optimizer, activations, rest."""
+    tflop_per_sample: float
+    tflop_per_step: float
+    modules: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per module: trained and frozen parameter counts."""
+    fits: bool | None = None
+    seconds_per_step: float | None = None
+
+    @property
+    def peak_gib_per_rank(self) -> float:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "params_trained": self.params_trained, "params_frozen": self.params_frozen,
+                "peak_gib_per_rank": round(self.peak_gib_per_rank, 3),
+                "parts": {k: round(v, 3) for k, v in self.parts.items()}, "modules": self.modules,
+                "tflop_per_sample": round(self.tflop_per_sample, 3), "tflop_per_step": round(self.tflop_per_step, 3),
+                "fits": self.fits, "seconds_per_step": self.seconds_per_step}
+
+
+def gpu_spec(name: str | None, memory_gib: float | None, tflops: float | None) -> tuple[float, float] | None:
+    """(GiB, bf16 TFLOP/s) of ``--gpu NAME`` or of ``--gpu-memory``/``--gpu-tflops``; None: no device named."""
+    if name is not None:
+        if name.lower() not in GPUS:
+            raise UserError(f"--gpu {name}: unknown; choose one of {', '.join(GPUS)} or give --gpu-memory and --gpu-tflops")
+        memory, rate = GPUS[name.lower()]
+        return memory_gib or memory, tflops or rate
+    if memory_gib is not None:
+        return memory_gib, tflops or 0.0
+    return None
+
+
+def _bytes(params: list[nn.Parameter], dtype: torch.dtype | None = None) -> int:
+    return sum(p.numel() * (dtype.itemsize if dtype else p.element_size()) for p in params)
+
+
+def _unique(params: Any) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _largest_unit(modules: dict[str, nn.Module], dtype: torch.dtype | None) -> int:
+    """Bytes of the largest FSDP2 unit (``fsdp_units()``) of any module."""
+    largest = 0
+    for module in modules.values():
+        for unit in getattr(module, "fsdp_units", lambda: [])():
+            largest = max(largest, _bytes(list(unit.parameters()), dtype))
+    return largest
+
+
+def example_batch(recipe: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    """A batch as the method receives it from cached data (latents and the codec's conditioning), on meta."""
+    codec_name = recipe.codec.name
+    data_config = getattr(recipe.data, "config", None)
+    resolution = getattr(data_config, "resolution", None) or 1024
+    if codec_name in FAMILIES:
+        from diffusers import UNet2DConditionModel
+
+        from lightning_distill.models.architectures import offline_configs
+        from lightning_distill.utils.pretrained import network_config
+
+        teacher = recipe.method.config.teacher.config
+        with offline_configs():
+            net = network_config(UNet2DConditionModel, teacher.pretrained, teacher.subfolder)
+        shapes = _family_shapes(codec_name, resolution, recipe.codec.to_dict(), net)
+        return {k: torch.empty(batch_size, *s, device="meta") for k, s in shapes.items()}
+    # a small codec of this package (identity, minilm): encode one example for real, keep only the shapes
+    from lightning_distill.codecs.base import batch_conditioning
+
+    item = recipe.data.build(seed=recipe.seed)[0] if recipe.data.name in ("synthetic", "shapes") else None
+    if item is None:
+        item = {"pixels": torch.zeros(3, resolution, resolution), "caption": "a photo"}
+    codec = recipe.codec.build().eval()
+    one = {k: (v.unsqueeze(0) if torch.is_tensor(v) else [v]) for k, v in item.items()}
+    with torch.no_grad():
+        latents = one["latents"] if "latents" in one else codec.encode(one["pixels"])
+        cond = batch_conditioning({k: v for k, v in one.items() if k != "pixels"} | {"latents": latents}, codec)
+    out = {"latents": latents, **{k: v for k, v in cond.items() if torch.is_tensor(v)}}
+    return {k: torch.empty(batch_size, *v.shape[1:], dtype=v.dtype, device="meta") for k, v in out.items()}
+
+
+def _world(recipe: Any) -> tuple[int, bool]:
+    f = recipe.fabric
+    return f.devices * f.num_nodes, f.strategy == "fsdp2"
+
+
+def _compute_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def plan_phase(recipe: Any, phases: list[Any], phase: Any) -> PhasePlan:
+    """Build ``phase`` on the meta device and measure one iteration of it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_distill.codecs.base import Identity
+    from lightning_distill.models.architectures import offline_configs
+
+    with offline_configs():
+        method = recipe.method.build(phases=phases, codec=Identity(), seed=recipe.seed)
+        modules = method.build_phase(phase, lambda index: {}, empty=True)
+    precision = recipe.fabric.precision
+    if precision.endswith("-true") and precision != "32-true":
+        for m in modules.values():
+            m.to(_compute_dtype(precision))
+    trained = {n: _unique(p for p in modules[n].parameters() if p.requires_grad) for n in phase.optimizers}
+    counts = {}
+    for name, module in modules.items():
+        params = _unique(module.parameters())
+        n_trained = sum(p.numel() for p in trained.get(name, []))
+        counts[name] = {"trained": n_trained, "frozen": sum(p.numel() for p in params) - n_trained}
+    all_trained = _unique(p for ps in trained.values() for p in ps)
+    frozen = [p for p in _unique(p for m in modules.values() for p in m.parameters()) if id(p) not in {id(q) for q in all_trained}]
+    buffers = sum(b.numel() * b.element_size() for m in modules.values() for b in m.buffers())
+    world, sharded = _world(recipe)
+    shard = world if sharded else 1
+    params_bytes = (_bytes(all_trained) + _bytes(frozen) + buffers) / shard
+    grads_bytes = _bytes(all_trained) / shard
+    eight_bit = recipe.optimizer.name == "adam8bit"
+    optim_bytes = (2 * sum(p.numel() for p in all_trained) if eight_bit else 2 * _bytes(all_trained)) / shard
+    gathered = 2 * _largest_unit(modules, _compute_dtype(precision)) if sharded and world > 1 else 0
+
+    # one iteration on meta, in the compute dtype, as the loop runs it
+    dtype = _compute_dtype(precision)
+    run = {n: (copy.deepcopy(m).to(dtype) if dtype is not None else m) for n, m in modules.items()}
+    for name, module in run.items():
+        if name not in phase.optimizers:
+            module.requires_grad_(False).eval()
+    method.attach(run)
+    run_trained = {n: [p for p in run[n].parameters() if p.requires_grad] for n in phase.optimizers}
+    batch = example_batch(recipe, recipe.train.batch_size)
+    if dtype is not None:
+        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    tracker = LiveBytes()
+    with fused_attention(), FlopCounterMode(display=False) as flops, tracker:
+        prepared = method.prepare(batch, phase.start)
+        for name in phase.optimizers:  # each once, as after any warm-up
+            for other, params in run_trained.items():
+                for p in params:
+                    p.requires_grad_(other == name)
+            loss, _ = method.training_step(prepared, name)
+            loss.backward()
+            for p in run_trained[name]:
+                p.grad = None  # the optimizer steps and zeroes before the next one
+            del loss
+    dynamic = tracker.peak
+    run_grads = max((_bytes(ps) for ps in run_trained.values()), default=0)
+    activations = max(0, dynamic - run_grads)
+    parts = {"parameters": params_bytes + gathered, "gradients": grads_bytes, "optimizer": optim_bytes,
+             "activations": activations}
+    parts = {k: v / GIB for k, v in parts.items()}
+    parts["rest"] = CONTEXT_GIB + FRAGMENTATION * sum(parts.values())
+    total_flops = float(flops.get_total_flops())
+    return PhasePlan(
+        phase=phase.name, params_trained=sum(c["trained"] for c in counts.values()),
+        params_frozen=sum(c["frozen"] for c in counts.values()), parts=parts,
+        tflop_per_sample=total_flops / 1e12 / recipe.train.batch_size,
+        tflop_per_step=total_flops / 1e12 * recipe.train.grad_accum, modules=counts,
+    )
+
+
+def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float = 0.4,
+                progress: bool = False) -> list[PhasePlan]:
+    """A :class:`PhasePlan` per phase; phases alike in everything that sets memory and FLOPs are measured once."""
+    recipe = loaded.recipe
+    phases = recipe.schedule.build().phases()
+    plans: list[PhasePlan] = []
+    done: dict[str, PhasePlan] = {}
+    for phase in phases:
+        key = repr((phase.kind, phase.options, sorted(phase.optimizers)))
+        key = key.replace(repr(phase.name), "").replace(repr(phase.stage), "")
+        if key not in done:
+            done[key] = plan_phase(recipe, phases, phase)
+        plan = copy.deepcopy(done[key])
+        plan.phase = phase.name
+        if gpu is not None:
+            memory, rate = gpu
+            plan.fits = plan.peak_gib_per_rank <= memory
+            plan.seconds_per_step = round(plan.tflop_per_step / (rate * mfu), 3) if rate else None  # per rank
+        plans.append(plan)
+    return plans
+
+
+def plan_table(plans: list[PhasePlan], gpu: tuple[float, float] | None) -> str:
+    """The plan as a markdown table (GiB per rank)."""
+    head = ["phase", "trained", "frozen", "params", "grads", "optim", "activ", "rest", "peak GiB", "TFLOP/sample"]
+    if gpu is not None:
+        head += ["fits", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in plans:
+        row = [p.phase, _count(p.params_trained), _count(p.params_frozen),
+               *(f"{p.parts[k]:.2f}" for k in ("parameters", "gradients", "optimizer", "activations", "rest")),
+               f"{p.peak_gib_per_rank:.2f}", f"{p.tflop_per_sample:.1f}"]
+        if gpu is not None:
+            row += ["yes" if p.fits else "**no**", f"{p.seconds_per_step:.3g}" if p.seconds_per_step is not None else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)

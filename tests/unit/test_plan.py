@@ -1,0 +1,142 @@
+"""``lightning-distill plan``: its memory figures against a measured CPU step, its counts against published ones."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from support import DEBUG_RECIPE, ROOT, run_cli
+from lightning_distill.config.recipe import load_recipe
+from lightning_distill.plan.planner import example_batch, plan_phase
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _Mallinfo2
+
+
+def _allocated() -> int:
+    """Bytes glibc's malloc has handed out (heap and mmapped blocks): where torch's CPU tensors live."""
+    info = _libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class _PeakMalloc(TorchDispatchMode):
+    """The most bytes allocated after any op, above the level on entry: an allocator's-eye measurement."""
+
+    def __enter__(self):
+        self.base = self.peak = _allocated()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _allocated())
+        return out
+
+
+def _measured_step(recipe, phases, phase) -> int:
+    """A real iteration on the CPU (random weights, random batch of the plan's shapes), as the plan runs it;
+    returns the peak bytes allocated above what existed before it."""
+    from lightning_distill.codecs.base import Identity
+
+    method = recipe.method.build(phases=phases, codec=Identity(), seed=0)
+    modules = method.build_phase(phase, lambda index: {}, empty=True)
+    for name, module in modules.items():
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.02)
+            for b in module.buffers():
+                b.zero_() if not b.is_floating_point() else b.normal_(0, 0.02)
+        if name not in phase.optimizers:
+            module.requires_grad_(False).eval()
+    method.attach(modules)
+    trained = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phase.optimizers}
+    batch = {k: (torch.randn(v.shape) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype))
+             for k, v in example_batch(recipe, recipe.train.batch_size).items()}
+    with _PeakMalloc() as mode:
+        prepared = method.prepare(batch, phase.start)
+        for name in phase.optimizers:
+            for other, params in trained.items():
+                for p in params:
+                    p.requires_grad_(other == name)
+            loss, _ = method.training_step(prepared, name)
+            loss.backward()
+            for p in trained[name]:
+                p.grad = None
+            del loss
+    return mode.peak - mode.base
+
+
+TINY_SDXL = ["fabric.accelerator=cpu", "fabric.devices=1", "fabric.strategy=auto", "fabric.precision=32-true",
+             "train.batch_size=4", "data.resolution=256", "method.teacher.dtype=float32", "codec.name=sdxl",
+             "method.discriminator.head.channels=32", "method.discriminator.head.blocks=1"]
+
+
+@pytest.mark.parametrize("case", [
+    ("debug mse full", DEBUG_RECIPE, ["train.batch_size=32", "data.resolution=32"], 0),
+    ("debug adversarial full", DEBUG_RECIPE, ["train.batch_size=32", "data.resolution=32"], 1),
+    ("debug adversarial lora", DEBUG_RECIPE, ["train.batch_size=32", "data.resolution=32",
+                                             "schedule.stages.1.phases.0.adapter={name: lora, rank: 4}"], 1),
+    ("tiny sdxl lora mse", "sdxl", ["method.student.gradient_checkpointing=false"], 0),
+    ("tiny sdxl lora adversarial", "sdxl", ["method.student.gradient_checkpointing=false"], 1),
+    ("tiny sdxl lora adversarial, checkpointing", "sdxl", ["method.student.gradient_checkpointing=true"], 1),
+], ids=lambda c: c[0])
+def test_the_plans_peak_is_within_15_percent_of_a_measured_cpu_step(case, tiny_sdxl):
+    _, path, overrides, index = case
+    if path == "sdxl":
+        path = ROOT / "recipes" / "sdxl_lightning" / "lora.yaml"
+        overrides = [*TINY_SDXL, f"method.teacher.pretrained={tiny_sdxl['pipeline']}", *overrides,
+                     "schedule.stages.0.phases.0.adapter.rank=4", "schedule.stages.1.phases.0.adapter.rank=4"]
+    recipe = load_recipe(path, overrides).recipe
+    phases = recipe.schedule.build().phases()
+    plan = plan_phase(recipe, phases, phases[index])
+    planned = (plan.parts["activations"] + plan.parts["gradients"]) * 2**30
+    measured = _measured_step(recipe, phases, phases[index])
+    static = (plan.parts["parameters"]) * 2**30
+    assert abs(planned - measured) <= 0.15 * measured, (planned / 2**20, measured / 2**20)
+    assert abs((static + planned) - (static + measured)) <= 0.15 * (static + measured)
+
+
+def test_plan_counts_sdxls_published_parameters_and_lora_shares_nothing_yet():
+    """The SDXL UNet has 2,567,463,684 parameters (its published config); a LoRA phase freezes the teacher and
+    the student's base copy, two of them."""
+    recipe = load_recipe(ROOT / "recipes" / "sdxl_lightning" / "lora.yaml", ["train.batch_size=1"]).recipe
+    phases = recipe.schedule.build().phases()
+    plan = plan_phase(recipe, phases, phases[0])
+    assert plan.modules["teacher"] == {"trained": 0, "frozen": 2_567_463_684}
+    assert plan.modules["student"]["frozen"] == 2_567_463_684 and 0 < plan.modules["student"]["trained"] < 3e8
+    assert plan.parts["activations"] > 1 and plan.tflop_per_sample > 6.76  # more than one UNet forward (6.76)
+
+
+def test_plan_json_and_gpu_verdict(tmp_path):
+    result = run_cli("plan", str(DEBUG_RECIPE), "--json", "--gpu", "4090")
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout)
+    names = [p["phase"] for p in plan["phases"]]
+    assert names == ["s8-mse", "s4-cond", "s4-uncond"]
+    for p in plan["phases"]:
+        assert set(p) >= {"phase", "params_trained", "params_frozen", "peak_gib_per_rank", "parts",
+                          "tflop_per_sample", "tflop_per_step", "fits"}
+        assert p["fits"] is True and abs(sum(p["parts"].values()) - p["peak_gib_per_rank"]) < 1e-2
+    small = run_cli("plan", str(DEBUG_RECIPE), "--json", "--gpu-memory", "0.5", "--gpu-tflops", "10")
+    assert all(p["fits"] is False for p in json.loads(small.stdout)["phases"])  # the 0.75 GiB context alone
+    bad = run_cli("plan", str(DEBUG_RECIPE), "--gpu", "h1000")
+    assert bad.returncode == 2 and "unknown" in bad.stderr and "h100" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml")
+                                          if not p.name.startswith("_")))
+def test_plan_json_runs_offline_on_every_shipped_recipe(recipe):
+    result = run_cli("plan", recipe, "--json", env={"HF_HUB_OFFLINE": "1"}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["phases"]

@@ -24,6 +24,9 @@ The peak of a real CPU step of small configurations is within 15 % of the plan (
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from lightning_distill.errors import UserError
-from lightning_distill.plan.memory import LiveBytes, fused_attention
+from lightning_distill.plan.memory import Autocast, Meter, fused_attention, replay_no_grad_calls
 
 GIB = 2**30
 GPUS: dict[str, tuple[float, float]] = {
@@ -110,12 +113,12 @@ def _unique(params: Any) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def _largest_unit(modules: dict[str, nn.Module], dtype: torch.dtype | None) -> int:
-    """Bytes of the largest FSDP2 unit (``fsdp_units()``) of any module."""
+def _largest_unit(modules: dict[str, nn.Module]) -> int:
+    """Bytes of the largest FSDP2 unit (``fsdp_units()``) of any module, as held (FSDP2 gathers them so)."""
     largest = 0
     for module in modules.values():
         for unit in getattr(module, "fsdp_units", lambda: [])():
-            largest = max(largest, _bytes(list(unit.parameters()), dtype))
+            largest = max(largest, _bytes(list(unit.parameters())))
     return largest
 
 
@@ -159,74 +162,115 @@ def _compute_dtype(precision: str) -> torch.dtype | None:
     return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
 
-def plan_phase(recipe: Any, phases: list[Any], phase: Any) -> PhasePlan:
-    """Build ``phase`` on the meta device and measure one iteration of it."""
-    from torch.utils.flop_counter import FlopCounterMode
+@dataclass
+class _Memo:
+    """Measurements shared by the phases of one plan: calls without autograd (the teacher's solver steps) and
+    the optimizers' steps, by what they depend on."""
 
+    calls: dict[Any, Any] = field(default_factory=dict)
+    steps: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = None) -> PhasePlan:
+    """Build ``phase`` on the meta device and measure one iteration of it (``memo``: measurements of earlier
+    phases of the same recipe, reused where they apply)."""
     from lightning_distill.codecs.base import Identity
     from lightning_distill.models.architectures import offline_configs
+    from lightning_distill.models.teacher import SamplerTeacher
 
     with offline_configs():
         method = recipe.method.build(phases=phases, codec=Identity(), seed=recipe.seed)
         modules = method.build_phase(phase, lambda index: {}, empty=True)
     precision = recipe.fabric.precision
-    if precision.endswith("-true") and precision != "32-true":
+    dtype = _compute_dtype(precision)
+    true = precision.endswith("-true") and dtype is not None
+    if true:  # every weight held in the compute dtype
         for m in modules.values():
-            m.to(_compute_dtype(precision))
+            m.to(dtype)
     trained = {n: _unique(p for p in modules[n].parameters() if p.requires_grad) for n in phase.optimizers}
+    trained_ids = {id(p) for ps in trained.values() for p in ps}
     counts = {}
     for name, module in modules.items():
         params = _unique(module.parameters())
         n_trained = sum(p.numel() for p in trained.get(name, []))
         counts[name] = {"trained": n_trained, "frozen": sum(p.numel() for p in params) - n_trained}
     all_trained = _unique(p for ps in trained.values() for p in ps)
-    frozen = [p for p in _unique(p for m in modules.values() for p in m.parameters()) if id(p) not in {id(q) for q in all_trained}]
+    frozen = [p for p in _unique(p for m in modules.values() for p in m.parameters()) if id(p) not in trained_ids]
     buffers = sum(b.numel() * b.element_size() for m in modules.values() for b in m.buffers())
     world, sharded = _world(recipe)
     shard = world if sharded else 1
     params_bytes = (_bytes(all_trained) + _bytes(frozen) + buffers) / shard
-    grads_bytes = _bytes(all_trained) / shard
+    # one optimizer's gradients at a time: each steps and sets them to None before the next one's backward
+    grads_bytes = max((_bytes(ps) for ps in trained.values()), default=0) / shard
     eight_bit = recipe.optimizer.name == "adam8bit"
     optim_bytes = (2 * sum(p.numel() for p in all_trained) if eight_bit else 2 * _bytes(all_trained)) / shard
-    gathered = 2 * _largest_unit(modules, _compute_dtype(precision)) if sharded and world > 1 else 0
+    gathered = 2 * _largest_unit(modules) if sharded and world > 1 else 0
 
-    # one iteration on meta, in the compute dtype, as the loop runs it
-    dtype = _compute_dtype(precision)
-    run = {n: (copy.deepcopy(m).to(dtype) if dtype is not None else m) for n, m in modules.items()}
-    for name, module in run.items():
+    # one iteration on meta, as the loop runs it: autocast around prepare and each training step, backward after
+    for name, module in modules.items():
         if name not in phase.optimizers:
             module.requires_grad_(False).eval()
-    method.attach(run)
-    run_trained = {n: [p for p in run[n].parameters() if p.requires_grad] for n in phase.optimizers}
+    method.attach(modules)
     batch = example_batch(recipe, recipe.train.batch_size)
-    if dtype is not None:
+    if true:
         batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-    tracker = LiveBytes()
-    with fused_attention(), FlopCounterMode(display=False) as flops, tracker:
-        prepared = method.prepare(batch, phase.start)
-        for name in phase.optimizers:  # each once, as after any warm-up
-            for other, params in run_trained.items():
-                for p in params:
-                    p.requires_grad_(other == name)
-            loss, _ = method.training_step(prepared, name)
-            loss.backward()
-            for p in run_trained[name]:
-                p.grad = None  # the optimizer steps and zeroes before the next one
-            del loss
-    dynamic = tracker.peak
-    run_grads = max((_bytes(ps) for ps in run_trained.values()), default=0)
-    activations = max(0, dynamic - run_grads)
+    autocast = Autocast(dtype) if dtype is not None and not true else None
+    region = autocast.region if autocast is not None else nullcontext
+    meter = Meter()
+    memo = _Memo() if memo is None else memo
+    calls = [m.denoiser if isinstance(m, SamplerTeacher) else m for m in modules.values()]
+    with (autocast.patched() if autocast is not None else fused_attention()), meter, \
+            replay_no_grad_calls(calls, meter, memo.calls):
+        with region():
+            prepared = method.prepare(batch, phase.start)
+        kept, prepare_peak, prepare_flops = meter.now, meter.peak, meter.flops  # what prepare leaves, its peak
+        key = _measure_key(phase, prepare=False)
+        if key not in memo.steps:  # the optimizers' steps, alike in phases that differ only in their teacher
+            meter.peak, before = kept, meter.flops
+            for name in phase.optimizers:  # each once, as after any warm-up
+                for other, params in trained.items():
+                    for p in params:
+                        p.requires_grad_(other == name)
+                with region():
+                    loss, _ = method.training_step(prepared, name)
+                loss.backward()
+                for p in trained[name]:
+                    p.grad = None  # the optimizer steps and zeroes before the next one
+                del loss
+            memo.steps[key] = (meter.peak - kept, meter.flops - before)
+        rise, step_flops = memo.steps[key]
+    peak = max(prepare_peak, kept + rise)
+    activations = max(0, peak - grads_bytes * shard)
     parts = {"parameters": params_bytes + gathered, "gradients": grads_bytes, "optimizer": optim_bytes,
              "activations": activations}
     parts = {k: v / GIB for k, v in parts.items()}
     parts["rest"] = CONTEXT_GIB + FRAGMENTATION * sum(parts.values())
-    total_flops = float(flops.get_total_flops())
+    total_flops = float(prepare_flops + step_flops)
     return PhasePlan(
         phase=phase.name, params_trained=sum(c["trained"] for c in counts.values()),
         params_frozen=sum(c["frozen"] for c in counts.values()), parts=parts,
         tflop_per_sample=total_flops / 1e12 / recipe.train.batch_size,
         tflop_per_step=total_flops / 1e12 * recipe.train.grad_accum, modules=counts,
     )
+
+
+def _measure_key(phase: Any, prepare: bool = True) -> str:
+    """What sets a phase's memory and FLOPs: its kind, optimizers and options, less learning rates, lengths and
+    weights, and the teacher's path length (its solver steps per sample) in place of the step counts.
+    ``prepare=False``: what sets the optimizers' steps alone (not the teacher's path, nor its guidance)."""
+    o = phase.options
+    if o is None or not dataclasses.is_dataclass(o):
+        return repr((phase.kind, sorted(phase.optimizers), o)).replace(repr(phase.name), "").replace(repr(phase.stage), "")
+    fields = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)}
+    for name in ("teacher_steps", "student_steps", "train_timesteps", "teacher_from", "student_from",
+                 "renoise_weights", "renoise_weights_end"):
+        fields.pop(name, None)
+    if not prepare:
+        fields.pop("guidance", None)
+    elif all(hasattr(o, n) for n in ("teacher_steps", "student_steps", "train_timesteps")):
+        jump = o.train_timesteps // o.student_steps
+        fields["teacher_path"] = math.ceil(jump * o.teacher_steps / o.train_timesteps)
+    return repr((phase.kind, sorted(phase.optimizers), sorted(fields.items())))
 
 
 def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float = 0.4,
@@ -236,11 +280,11 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
     phases = recipe.schedule.build().phases()
     plans: list[PhasePlan] = []
     done: dict[str, PhasePlan] = {}
+    memo = _Memo()
     for phase in phases:
-        key = repr((phase.kind, phase.options, sorted(phase.optimizers)))
-        key = key.replace(repr(phase.name), "").replace(repr(phase.stage), "")
+        key = _measure_key(phase)
         if key not in done:
-            done[key] = plan_phase(recipe, phases, phase)
+            done[key] = plan_phase(recipe, phases, phase, memo)
         plan = copy.deepcopy(done[key])
         plan.phase = phase.name
         if gpu is not None:

@@ -114,7 +114,7 @@ def test_plan_counts_sdxls_published_parameters_and_lora_shares_nothing_yet():
     plan = plan_phase(recipe, phases, phases[0])
     assert plan.modules["teacher"] == {"trained": 0, "frozen": 2_567_463_684}
     assert plan.modules["student"]["frozen"] == 2_567_463_684 and 0 < plan.modules["student"]["trained"] < 3e8
-    assert plan.parts["activations"] > 1 and plan.tflop_per_sample > 6.76  # more than one UNet forward (6.76)
+    assert plan.parts["activations"] > 0.1 and plan.tflop_per_sample > 6.76  # more than one UNet forward (6.76)
 
 
 def test_plan_json_and_gpu_verdict(tmp_path):

@@ -1,6 +1,7 @@
 """One training step of each phase on the SDXL architecture: time, samples/s, peak memory, counted FLOPs, MFU.
 
-FLOPs are counted with ``torch.utils.flop_counter`` on the meta device (no memory, no time): the real
+FLOPs are counted with ``torch.utils.flop_counter``'s formulas on the meta device, as ``lightning-distill plan``
+counts them (``lightning_distill.plan.memory.Meter``; no memory, no time): the real
 method's ``prepare`` (teacher solver steps) and each optimizer's ``training_step`` and backward. MFU is
 counted FLOPs / (median step time × this device's measured matmul rate) in the same run.
 
@@ -112,8 +113,10 @@ def make_batch(tiny: bool, batch: int, device: torch.device) -> dict[str, torch.
 
 
 def count_flops(recipe: object, tiny: bool, batch: int) -> float:
-    """FLOPs of one step (prepare, then each optimizer's forward and backward), on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one step (prepare, then each optimizer's forward and backward), on the meta device, counted as
+    ``lightning-distill plan`` counts them (attention as the fused kernel; the teacher's inference-mode layers
+    decomposed, so its linear layers and convolutions count)."""
+    from lightning_distill.plan.memory import Meter, fused_attention
 
     phases = recipe.schedule.build().phases()
     phase = phases[0]
@@ -126,7 +129,7 @@ def count_flops(recipe: object, tiny: bool, batch: int) -> float:
         method.attach(modules)
         trainable = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phase.optimizers}
         b = make_batch(tiny, batch, torch.device("meta"))
-        with FlopCounterMode(display=False) as counter:
+        with fused_attention(), Meter() as counter:
             prepared = method.prepare(b, 0)
             for name in phase.optimizers_at(0):
                 for other, params in trainable.items():  # as the loop does: gradients only where they train
@@ -134,7 +137,7 @@ def count_flops(recipe: object, tiny: bool, batch: int) -> float:
                         p.requires_grad_(other == name)
                 loss, _ = method.training_step(prepared, name)
                 loss.backward()
-        return float(counter.get_total_flops())
+        return float(counter.flops)
 
 
 def run_case(case: tuple, tiny: bool, batch: int, steps: int, device: torch.device) -> dict[str, object]:

@@ -168,7 +168,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lightning_distill.plan import gpu_spec, plan_recipe, plan_table
 
         gpu = gpu_spec(args.gpu, args.gpu_memory, args.gpu_tflops)
-        plans = plan_recipe(loaded, gpu, args.mfu)
+        plans = plan_recipe(loaded, gpu, args.mfu, progress=True)
         if args.json:
             print(json.dumps({"phases": [p.to_dict() for p in plans], "gpu": gpu}, indent=2))
         else:

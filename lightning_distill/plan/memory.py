@@ -89,15 +89,29 @@ class Meter(TorchDispatchMode):
         key = _op_key(func, args, kwargs) if all(fresh) else None
         known = _OPS.get(key) if key is not None else None
         if known is not None:  # an op seen before on meta inputs of the same layout: its outputs, made anew
-            out, flops = _remake(known[0]), known[1]
-        else:
+            out, flops, rise = _remake(known[0]), known[1], known[2]
+            self.peak = max(self.peak, self.now + rise)
+        elif func._overloadpacket in _DECOMPOSED and func._can_decompose():  # linear, conv2d, matmul reach here
+            start, peak, before = self.now, self.peak, self.flops  # whole in inference mode: their parts, as
+            self.peak = start  # autograd would have seen them, are what run and what is counted (their FLOPs)
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is NotImplemented:
+                self.peak = max(peak, self.peak)
+            else:  # (an op that may hand back an input, as dropout does in eval mode, is not remade)
+                layout = _layout(out) if key is not None and not _returns_an_input(out, args, kwargs) else None
+                if layout is not None:
+                    _OPS[key] = (layout, self.flops - before, self.peak - start)
+                self.peak = max(peak, self.peak)
+                return out
+        if known is None:
             out = func(*args, **kwargs)
             formula = FLOP_FORMULAS.get(func._overloadpacket)
             flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
-            if key is not None:
+            if key is not None and not _returns_an_input(out, args, kwargs):
                 layout = _layout(out)
                 if layout is not None:
-                    _OPS[key] = (layout, flops)
+                    _OPS[key] = (layout, flops, 0)
         self.flops += flops
         if isinstance(out, torch.Tensor):
             if fresh and fresh[0]:
@@ -112,9 +126,15 @@ class Meter(TorchDispatchMode):
         return out
 
 
+_DECOMPOSED = {aten.linear, aten.bilinear, aten.matmul, aten.einsum, aten.conv1d, aten.conv2d, aten.conv3d,
+               aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d, aten.scaled_dot_product_attention,
+               aten._scaled_dot_product_attention_math}
+"""Composite ops with no FLOP formula of their own whose parts have one."""
+
 # Meta kernels are mostly Python (torch._refs), the planner's cost; an op's outputs on meta depend only on the
 # layouts of its inputs and its other arguments, so each is run once per such key and its outputs remade after.
-_OPS: dict[Any, tuple[Any, int]] = {}
+_OPS: dict[Any, tuple[Any, int, int]] = {}
+"""Op and argument layouts -> (output layout, FLOPs, bytes its parts rose above the output while it ran)."""
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
@@ -154,6 +174,14 @@ def _layout(out: Any) -> Any:
     return None
 
 
+def _storages(x: Any) -> set[int]:
+    return {t.untyped_storage()._cdata for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)}
+
+
+def _returns_an_input(out: Any, args: Any, kwargs: Any) -> bool:
+    return bool(_storages(out) & _storages((args, kwargs)))
+
+
 def _extent(t: torch.Tensor) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
 
@@ -176,14 +204,15 @@ def fused_attention(dtype: torch.dtype | None = None) -> Iterator[None]:
     autograd engine's thread) takes the same path."""
     real = F.scaled_dot_product_attention
 
-    def fused(q: Any, k: Any, v: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
-              scale: float | None = None, **kwargs: Any) -> Any:
-        if q.device.type != "meta" or kwargs:
-            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
-        if dtype is not None and q.dtype == torch.float32:
-            q, k, v = (x.to(dtype) for x in (q, k, v))
+    def fused(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: float | None = None, **kwargs: Any) -> Any:
+        if query.device.type != "meta" or any(kwargs.values()):  # e.g. enable_gqa: the real function
+            return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **kwargs)
+        if dtype is not None and query.dtype == torch.float32:
+            query, key, value = (x.to(dtype) for x in (query, key, value))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
     F.scaled_dot_product_attention = fused
     try:
@@ -194,7 +223,8 @@ def fused_attention(dtype: torch.dtype | None = None) -> Iterator[None]:
 
 class Autocast:
     """``torch.autocast(dtype)`` as a GPU runs it, for modules on meta: the functional forms of linear layers and
-    convolutions take their floating inputs in ``dtype``, group and layer norms and the MSE loss in float32.
+    convolutions take their floating inputs in ``dtype``, group and layer norms and the MSE loss in float32
+    (``device_type="cpu"``: as CPU autocast runs them, norms in ``dtype``).
     A trained weight (a leaf that requires grad) is cast once per :meth:`region` and the copy reused, as
     autocast's cache does; autograd keeps the copies it saves, so they cost what they cost on a GPU.
 
@@ -204,10 +234,12 @@ class Autocast:
     """
 
     LOW = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-    FLOAT32 = ("group_norm", "layer_norm", "mse_loss")
+    FLOAT32 = {"cuda": ("group_norm", "layer_norm", "mse_loss"), "cpu": ("mse_loss",)}
+    """Per device type, the functions autocast runs in float32 (on a CPU, norms stay in the compute dtype)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, device_type: str = "cuda") -> None:
         self.dtype = dtype
+        self.float32 = self.FLOAT32[device_type]
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _cast(self, x: Any, dtype: torch.dtype) -> Any:
@@ -230,7 +262,7 @@ class Autocast:
 
     @contextmanager
     def patched(self) -> Iterator[None]:
-        real = {name: getattr(F, name) for name in (*self.LOW, *self.FLOAT32)}
+        real = {name: getattr(F, name) for name in (*self.LOW, *self.float32)}
         for name, fn in real.items():
             setattr(F, name, self._wrap(fn, self.dtype if name in self.LOW else torch.float32))
         try:

@@ -1,24 +1,33 @@
 """``lightning-distill plan``: what each phase of a recipe needs per device, before anything runs.
 
 Every phase is built at its real size on the meta device (no weights read, no data opened; the shipped recipes'
-base models from their published configs) and one training iteration is run there: the method's ``prepare``
-(teacher solver steps) and, for each optimizer the phase steps, its forward and backward. From that:
+base models from their published configs) and one training iteration is run there as the loop runs it: the
+method's ``prepare`` (teacher solver steps) and, for each optimizer the phase steps, its forward and backward,
+each under the recipe's autocast. From that:
 
 - **parameters** of each module (trained, frozen) in the dtype they are held in (``*-true`` precision casts all);
-- **gradients** of the trained parameters; **optimizer** state (Adam: two tensors like the parameters; 8-bit Adam:
-  two bytes a parameter);
-- **activations**: the peak of the bytes ops keep alive during the iteration (autograd's saved tensors and the
-  temporaries around them), measured op by op (:class:`~lightning_distill.plan.memory.LiveBytes`), minus the
-  gradients; run in the compute dtype (bf16 for ``bf16-*``);
+- **gradients** of one optimizer's parameters (each steps and sets them to None before the next one's backward);
+  **optimizer** state of all of them (Adam: two tensors like the parameters; 8-bit Adam: two bytes a parameter);
+- **activations**: the peak of the bytes ops create and keep alive during the iteration (autograd's saved
+  tensors, autocast's weight copies and the temporaries around them; views of weights are no new memory),
+  measured op by op (:class:`~lightning_distill.plan.memory.Meter`), minus the gradients. ``bf16-mixed``
+  follows CUDA autocast (:class:`~lightning_distill.plan.memory.Autocast`: matmuls and convolutions in bf16,
+  norms in fp32);
 - under FSDP2, parameters, gradients and optimizer state divided among the ranks, plus two gathered units (the
-  largest block, all-gathered while it runs and the next one prefetched);
+  largest ``fsdp_units()`` block as held, all-gathered while it runs and the next one prefetched);
 - **rest**: 0.75 GiB of CUDA context and 5 % of the rest for allocator fragmentation (assumed, not measured);
-- **TFLOP** per sample and per step, counted with ``torch.utils.flop_counter`` as ``benchmarks/step.py`` does
-  (gradient checkpointing's recomputation included).
+- **TFLOP** per sample and per step, counted with ``torch.utils.flop_counter``'s formulas as
+  ``benchmarks/step.py`` does (gradient checkpointing's recomputation included; attention as flash attention).
 
-Approximate: attention kernels differ on a GPU (flash attention keeps no score matrix; the meta run's SDPA
-math path may), autocast keeps some ops in fp32, and the allocator's fragmentation is a guess.
-The peak of a real CPU step of small configurations is within 15 % of the plan (``tests/unit/test_plan.py``).
+Approximate: attention is modelled as the fused flash kernel (a GPU without it, or another kernel, keeps more),
+autocast's op lists are modelled for the functional layers diffusers calls (``@`` matmuls are not cast), the
+per-device batch is what is planned (no data loader, text encoders or VAE unless the method runs them), and the
+allocator's fragmentation is a guess. The peak of a real CPU step of small configurations, full and LoRA, with and
+without checkpointing, fp32 and bf16-mixed, is within 15 % of the plan (``tests/unit/test_plan.py``).
+
+Fast enough to run before every job: meta ops are run once per argument layout and remade after, calls without
+autograd (the teacher's solver steps) once per input shape, phases that differ only in their teacher's path
+share the measurement of their optimizers' steps, and groups of phases are planned on forked processes.
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import multiprocessing
+import os
+import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,9 +184,11 @@ class _Memo:
     steps: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = None) -> PhasePlan:
+def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = None,
+               device_type: str = "cuda") -> PhasePlan:
     """Build ``phase`` on the meta device and measure one iteration of it (``memo``: measurements of earlier
-    phases of the same recipe, reused where they apply)."""
+    phases of the same recipe, reused where they apply; ``device_type``: whose autocast rules mixed precision
+    follows)."""
     from lightning_distill.codecs.base import Identity
     from lightning_distill.models.architectures import offline_configs
     from lightning_distill.models.teacher import SamplerTeacher
@@ -214,7 +229,7 @@ def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = 
     batch = example_batch(recipe, recipe.train.batch_size)
     if true:
         batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-    autocast = Autocast(dtype) if dtype is not None and not true else None
+    autocast = Autocast(dtype, device_type) if dtype is not None and not true else None
     region = autocast.region if autocast is not None else nullcontext
     meter = Meter()
     memo = _Memo() if memo is None else memo
@@ -274,18 +289,39 @@ def _measure_key(phase: Any, prepare: bool = True) -> str:
 
 
 def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float = 0.4,
-                progress: bool = False) -> list[PhasePlan]:
-    """A :class:`PhasePlan` per phase; phases alike in everything that sets memory and FLOPs are measured once."""
+                progress: bool = False, workers: int | None = None) -> list[PhasePlan]:
+    """A :class:`PhasePlan` per phase; phases alike in everything that sets memory and FLOPs are measured once.
+
+    Phases whose optimizers' steps are alike are planned together (the steps measured once); such groups are
+    shared among ``workers`` forked processes (default: one per core), each its own meta computation.
+    ``progress``: a line on stderr per phase measured."""
     recipe = loaded.recipe
     phases = recipe.schedule.build().phases()
+    groups: dict[str, list[Any]] = {}
+    for phase in {_measure_key(p): p for p in reversed(phases)}.values():  # the first phase of each key
+        groups.setdefault(_measure_key(phase, prepare=False), []).append(phase)
+    jobs = sorted(groups.values(), key=len, reverse=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers or cores, len(jobs)))
+    lanes: list[list[Any]] = [[] for _ in range(workers)]
+    for job in jobs:  # the longest groups first, each to the lane with the least work so far
+        min(lanes, key=lambda lane: sum(len(j) for j in lane)).append(job)
+    total = len(groups and [p for g in groups.values() for p in g])
+    global _JOB
+    _JOB = (recipe, phases, progress, total)
+    try:
+        if workers == 1:
+            results = [_plan_lane(lanes[0])]
+        else:
+            context = multiprocessing.get_context("fork")  # the recipe and imports as they are here
+            with context.Pool(workers) as pool:
+                results = pool.map(_plan_lane, lanes)
+    finally:
+        _JOB = None
+    done = {k: v for r in results for k, v in r.items()}
     plans: list[PhasePlan] = []
-    done: dict[str, PhasePlan] = {}
-    memo = _Memo()
     for phase in phases:
-        key = _measure_key(phase)
-        if key not in done:
-            done[key] = plan_phase(recipe, phases, phase, memo)
-        plan = copy.deepcopy(done[key])
+        plan = copy.deepcopy(done[_measure_key(phase)])
         plan.phase = phase.name
         if gpu is not None:
             memory, rate = gpu
@@ -293,6 +329,25 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
             plan.seconds_per_step = round(plan.tflop_per_step / (rate * mfu), 3) if rate else None  # per rank
         plans.append(plan)
     return plans
+
+
+_JOB: tuple[Any, list[Any], bool, int] | None = None
+"""What the forked workers of :func:`plan_recipe` plan: recipe, phases, progress, phases to measure."""
+
+
+def _plan_lane(lane: list[list[Any]]) -> dict[str, PhasePlan]:
+    assert _JOB is not None
+    recipe, phases, progress, total = _JOB
+    memo = _Memo()
+    out = {}
+    for group in lane:
+        for phase in group:
+            started = time.perf_counter()
+            out[_measure_key(phase)] = plan_phase(recipe, phases, phase, memo)
+            if progress:
+                print(f"plan: measured {phase.name} ({time.perf_counter() - started:.0f} s; {total} phases "
+                      "to measure in all)", file=sys.stderr, flush=True)
+    return out
 
 
 def plan_table(plans: list[PhasePlan], gpu: tuple[float, float] | None) -> str:

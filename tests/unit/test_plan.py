@@ -43,8 +43,9 @@ class _PeakMalloc(TorchDispatchMode):
 
 
 def _measured_step(recipe, phases, phase) -> int:
-    """A real iteration on the CPU (random weights, random batch of the plan's shapes), as the plan runs it;
-    returns the peak bytes allocated above what existed before it."""
+    """A real iteration on the CPU (random weights, random batch of the plan's shapes), as the loop runs it
+    (CPU autocast around prepare and each training step under ``bf16-mixed``); returns the peak bytes allocated
+    above what existed before it."""
     from lightning_distill.codecs.base import Identity
 
     method = recipe.method.build(phases=phases, codec=Identity(), seed=0)
@@ -62,13 +63,20 @@ def _measured_step(recipe, phases, phase) -> int:
     trained = {n: [p for p in modules[n].parameters() if p.requires_grad] for n in phase.optimizers}
     batch = {k: (torch.randn(v.shape) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype))
              for k, v in example_batch(recipe, recipe.train.batch_size).items()}
+    mixed = recipe.fabric.precision == "bf16-mixed"
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed)
+
     with _PeakMalloc() as mode:
-        prepared = method.prepare(batch, phase.start)
+        with autocast():
+            prepared = method.prepare(batch, phase.start)
         for name in phase.optimizers:
             for other, params in trained.items():
                 for p in params:
                     p.requires_grad_(other == name)
-            loss, _ = method.training_step(prepared, name)
+            with autocast():
+                loss, _ = method.training_step(prepared, name)
             loss.backward()
             for p in trained[name]:
                 p.grad = None
@@ -89,21 +97,78 @@ TINY_SDXL = ["fabric.accelerator=cpu", "fabric.devices=1", "fabric.strategy=auto
     ("tiny sdxl lora mse", "sdxl", ["method.student.gradient_checkpointing=false"], 0),
     ("tiny sdxl lora adversarial", "sdxl", ["method.student.gradient_checkpointing=false"], 1),
     ("tiny sdxl lora adversarial, checkpointing", "sdxl", ["method.student.gradient_checkpointing=true"], 1),
+    ("tiny sdxl full adversarial, bf16-mixed", "sdxl full", ["fabric.precision=bf16-mixed", "train.batch_size=2",
+                                                            "method.student.gradient_checkpointing=false"], 3),
 ], ids=lambda c: c[0])
 def test_the_plans_peak_is_within_15_percent_of_a_measured_cpu_step(case, tiny_sdxl):
     _, path, overrides, index = case
-    if path == "sdxl":
-        path = ROOT / "recipes" / "sdxl_lightning" / "lora.yaml"
-        overrides = [*TINY_SDXL, f"method.teacher.pretrained={tiny_sdxl['pipeline']}", *overrides,
-                     "schedule.stages.0.phases.0.adapter.rank=4", "schedule.stages.1.phases.0.adapter.rank=4"]
+    if isinstance(path, str):
+        full = path == "sdxl full"
+        path = ROOT / "recipes" / "sdxl_lightning" / ("full.yaml" if full else "lora.yaml")
+        ranks = ["schedule.stages.1.phases.1.adapter.rank=4"] if full else ["schedule.stages.0.phases.0.adapter.rank=4"]
+        overrides = [*TINY_SDXL, f"method.teacher.pretrained={tiny_sdxl['pipeline']}", *overrides, *ranks,
+                     "schedule.stages.1.phases.0.adapter.rank=4"]
     recipe = load_recipe(path, overrides).recipe
     phases = recipe.schedule.build().phases()
-    plan = plan_phase(recipe, phases, phases[index])
+    plan = plan_phase(recipe, phases, phases[index], device_type="cpu")  # CPU autocast's rules, as measured
     planned = (plan.parts["activations"] + plan.parts["gradients"]) * 2**30
     measured = _measured_step(recipe, phases, phases[index])
     static = (plan.parts["parameters"]) * 2**30
     assert abs(planned - measured) <= 0.15 * measured, (planned / 2**20, measured / 2**20)
     assert abs((static + planned) - (static + measured)) <= 0.15 * (static + measured)
+
+
+def test_the_meter_counts_new_memory_only_and_inference_mode_flops_in_full():
+    """A view of a weight (``weight.t()`` in a linear layer) is no new memory; a network run in inference mode
+    (the teacher's solver) has the FLOPs torch's own counter finds when autograd decomposes its layers."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_distill.plan.memory import Meter
+
+    layer = torch.nn.Linear(1024, 1024, device="meta")
+    x = torch.empty(2, 1024, device="meta", requires_grad=True)
+    with Meter() as meter:
+        y = layer(x)
+    assert meter.now == meter.peak == 2 * 1024 * 4  # the output alone; the 4 MiB weight's transpose is a view
+    del y
+    assert meter.now == 0  # freed when the output goes
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=16)
+    args = (torch.empty(2, 4, 16, 16, device="meta"), torch.zeros(2, device="meta"),
+            torch.empty(2, 7, 32, device="meta"))
+    with FlopCounterMode(display=False) as reference:
+        unet(*args)
+    with torch.inference_mode(), Meter() as meter:
+        unet(*args)
+    assert reference.get_total_flops() > 0 and meter.flops == reference.get_total_flops()
+
+
+def test_autocast_on_meta_casts_as_torch_autocast_does_and_caches_trained_weights():
+    from lightning_distill.plan.memory import Autocast, Meter
+
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the reference: real tensors, torch's autocast
+        real = (conv(x).dtype, torch.nn.functional.mse_loss(conv(x), x).dtype)
+    conv_meta = torch.nn.Conv2d(8, 8, 3, padding=1, device="meta")
+    x_meta = x.to("meta")
+    autocast = Autocast(torch.bfloat16, "cpu")
+    with autocast.patched(), Meter() as meter, autocast.region():
+        a = conv_meta(x_meta)
+        cast_once = meter.now
+        b = conv_meta(x_meta)
+        second = meter.now
+        emulated = (a.dtype, torch.nn.functional.mse_loss(a, x_meta).dtype)
+    assert emulated == real == (torch.bfloat16, torch.float32)
+    weights = (8 * 8 * 9 + 8) * 2  # the trained weight and bias in bf16, cast once and kept for the region
+    assert cast_once - weights == a.numel() * 2 + x_meta.numel() * 2  # output and the cast input (saved)
+    assert second - cast_once == b.numel() * 2 + x_meta.numel() * 2  # second call: no new weight cast
+    assert meter.now == second - 8 * 2  # the region over, the bias's copy goes (backward needs only the weight)
+    assert Autocast(torch.bfloat16).float32 == ("group_norm", "layer_norm", "mse_loss")
 
 
 def test_plan_counts_sdxls_published_parameters_and_lora_shares_nothing_yet():

@@ -294,12 +294,15 @@ def module_signature(module: nn.Module) -> Any:
 
 
 @contextmanager
-def replay_no_grad_calls(modules: list[nn.Module], meter: Meter, seen: dict[Any, Any] | None = None) -> Iterator[None]:
+def replay_no_grad_calls(modules: list[nn.Module], meter: Meter, seen: dict[Any, Any] | None = None,
+                         tally: dict[int, tuple[int, int]] | None = None) -> Iterator[None]:
     """Calls of ``modules`` made without autograd, measured once per module signature and input signature
     (shapes, dtypes, other arguments) and replayed after: the same FLOPs and the same rise above the bytes alive
     at the call, and new outputs of the same shapes. Exact on meta, where shapes are all a call depends on.
-    ``seen``: the measurements, to share them between modules built anew (the phases of a recipe)."""
+    ``seen``: the measurements, to share them between modules built anew (the phases of a recipe); ``tally``:
+    FLOPs and number of these calls so far, by ``id`` of the module."""
     seen = {} if seen is None else seen
+    tally = {} if tally is None else tally
 
     def wrap(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         name = module_signature(module)
@@ -311,6 +314,7 @@ def replay_no_grad_calls(modules: list[nn.Module], meter: Meter, seen: dict[Any,
             if key in seen:
                 flops, rise, spec, shapes = seen[key]
                 meter.flops += flops
+                tally[id(module)] = tally.get(id(module), (0, 0))[0] + flops, tally.get(id(module), (0, 0))[1] + 1
                 meter.peak = max(meter.peak, meter.now + rise)
                 leaves = [torch.empty(s, dtype=d, device="meta") if d is not None else s for s, d in shapes]
                 return tree_unflatten(leaves, spec)
@@ -320,6 +324,8 @@ def replay_no_grad_calls(modules: list[nn.Module], meter: Meter, seen: dict[Any,
             leaves, spec = tree_flatten(out)
             shapes = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else (x, None) for x in leaves]
             seen[key] = (meter.flops - flops, meter.peak - start, spec, shapes)
+            tally[id(module)] = (tally.get(id(module), (0, 0))[0] + meter.flops - flops,
+                                 tally.get(id(module), (0, 0))[1] + 1)
             meter.peak = max(peak, meter.peak)
             return out
 

@@ -15,6 +15,7 @@ each under the recipe's autocast. From that:
   norms in fp32);
 - under FSDP2, parameters, gradients and optimizer state divided among the ranks, plus two gathered units (the
   largest ``fsdp_units()`` block as held, all-gathered while it runs and the next one prefetched);
+- **codec**: the VAE and, unless ``codec.text_encoders`` is false, the text encoders (their published sizes);
 - **rest**: 0.75 GiB of CUDA context and 5 % of the rest for allocator fragmentation (assumed, not measured);
 - **TFLOP** per sample and per step, counted with ``torch.utils.flop_counter``'s formulas as
   ``benchmarks/step.py`` does (gradient checkpointing's recomputation included; attention as flash attention).
@@ -75,6 +76,27 @@ def _family_shapes(codec: str, r: int, codec_config: dict[str, Any], net: dict[s
 
 
 FAMILIES = ("sdxl", "sd15", "sd3", "flux")
+CODEC_PARAMETERS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "sdxl": (83_653_863, (123_060_480, 694_659_840)),  # VAE; CLIP ViT-L, OpenCLIP ViT-bigG with projection
+    "sd15": (83_653_863, (123_060_480,)),
+    "sd3": (83_819_683, (123_650_304, 694_659_840, 4_762_310_656)),  # 16-channel VAE; CLIP-L, CLIP-G, T5-XXL
+    "flux": (83_819_683, (123_060_480, 4_762_310_656)),
+}
+"""Parameters of each family's codec as published: its VAE and its text encoders (the last of SD3's is T5)."""
+
+
+def _codec_bytes(recipe: Any) -> int:
+    """The codec's weights, resident for the whole run: the VAE (encoding uncached images, decoding previews) and
+    the text encoders unless ``codec.text_encoders`` is false (data cached by ``lightning-distill cache``)."""
+    config = recipe.codec.to_dict()
+    if recipe.codec.name not in CODEC_PARAMETERS:  # a small codec of this package: built for real, counted
+        return sum(p.numel() * p.element_size() for p in recipe.codec.build().parameters())
+    size = {"float32": 4, "float16": 2, "bfloat16": 2}
+    vae, texts = CODEC_PARAMETERS[recipe.codec.name]
+    if recipe.codec.name == "sd3" and not config.get("t5", True):
+        texts = texts[:2]
+    text = sum(texts) if config.get("text_encoders", True) else 0
+    return vae * size[config.get("vae_dtype", "float32")] + text * size[config.get("text_dtype", "float32")]
 
 
 @dataclass
@@ -90,6 +112,10 @@ class PhasePlan:
     """Per module: trained and frozen parameter counts."""
     fits: bool | None = None
     seconds_per_step: float | None = None
+    teacher_tflop: float = 0.0
+    """Of ``tflop_per_step``'s iteration (one micro-batch), the teacher's solver steps."""
+    teacher_path: int | None = None
+    """The teacher's solver steps per sample ``teacher_tflop`` is for (None: no teacher solver measured)."""
 
     @property
     def peak_gib_per_rank(self) -> float:
@@ -234,8 +260,10 @@ def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = 
     meter = Meter()
     memo = _Memo() if memo is None else memo
     calls = [m.denoiser if isinstance(m, SamplerTeacher) else m for m in modules.values()]
+    tally: dict[int, tuple[int, int]] = {}
+    torch.manual_seed(recipe.seed)  # the method draws timesteps on the CPU: the same plan every time
     with (autocast.patched() if autocast is not None else fused_attention()), meter, \
-            replay_no_grad_calls(calls, meter, memo.calls):
+            replay_no_grad_calls(calls, meter, memo.calls, tally):
         with region():
             prepared = method.prepare(batch, phase.start)
         kept, prepare_peak, prepare_flops = meter.now, meter.peak, meter.flops  # what prepare leaves, its peak
@@ -256,23 +284,42 @@ def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = 
         rise, step_flops = memo.steps[key]
     peak = max(prepare_peak, kept + rise)
     activations = max(0, peak - grads_bytes * shard)
-    parts = {"parameters": params_bytes + gathered, "gradients": grads_bytes, "optimizer": optim_bytes,
-             "activations": activations}
+    parts = {"parameters": params_bytes + gathered, "codec": _codec_bytes(recipe), "gradients": grads_bytes,
+             "optimizer": optim_bytes, "activations": activations}
     parts = {k: v / GIB for k, v in parts.items()}
     parts["rest"] = CONTEXT_GIB + FRAGMENTATION * sum(parts.values())
     total_flops = float(prepare_flops + step_flops)
+    # the teacher's solver at its longest path (a batch's draw of timesteps may have asked for fewer steps)
+    solver = [tally[id(m.denoiser)] for m in modules.values() if isinstance(m, SamplerTeacher) and id(m.denoiser) in tally]
+    teacher_flops, teacher_calls = sum(f for f, _ in solver), sum(c for _, c in solver)
+    path = _teacher_path(phase)
+    if path is not None and teacher_calls:
+        total_flops += teacher_flops * (path / teacher_calls - 1)
+        teacher_flops = teacher_flops * path / teacher_calls
     return PhasePlan(
         phase=phase.name, params_trained=sum(c["trained"] for c in counts.values()),
         params_frozen=sum(c["frozen"] for c in counts.values()), parts=parts,
         tflop_per_sample=total_flops / 1e12 / recipe.train.batch_size,
         tflop_per_step=total_flops / 1e12 * recipe.train.grad_accum, modules=counts,
+        teacher_tflop=teacher_flops / 1e12, teacher_path=path if teacher_calls else None,
     )
 
 
+def _teacher_path(phase: Any) -> int | None:
+    """The teacher's solver steps per sample in ``phase`` (None: options without a ladder's step counts)."""
+    o = phase.options
+    if phase.kind == "x0_convert":
+        return 1
+    if not all(hasattr(o, n) for n in ("teacher_steps", "student_steps", "train_timesteps")):
+        return None
+    jump = o.train_timesteps // o.student_steps
+    return math.ceil(jump * o.teacher_steps / o.train_timesteps)
+
+
 def _measure_key(phase: Any, prepare: bool = True) -> str:
-    """What sets a phase's memory and FLOPs: its kind, optimizers and options, less learning rates, lengths and
-    weights, and the teacher's path length (its solver steps per sample) in place of the step counts.
-    ``prepare=False``: what sets the optimizers' steps alone (not the teacher's path, nor its guidance)."""
+    """What sets a phase's memory and FLOPs, but for the teacher's path length (:func:`_teacher_path`, which sets
+    only the FLOPs of the teacher's solver): its kind, optimizers and options, less learning rates, lengths and
+    weights. ``prepare=False``: what sets the optimizers' steps alone (not the teacher's guidance either)."""
     o = phase.options
     if o is None or not dataclasses.is_dataclass(o):
         return repr((phase.kind, sorted(phase.optimizers), o)).replace(repr(phase.name), "").replace(repr(phase.stage), "")
@@ -282,9 +329,6 @@ def _measure_key(phase: Any, prepare: bool = True) -> str:
         fields.pop(name, None)
     if not prepare:
         fields.pop("guidance", None)
-    elif all(hasattr(o, n) for n in ("teacher_steps", "student_steps", "train_timesteps")):
-        jump = o.train_timesteps // o.student_steps
-        fields["teacher_path"] = math.ceil(jump * o.teacher_steps / o.train_timesteps)
     return repr((phase.kind, sorted(phase.optimizers), sorted(fields.items())))
 
 
@@ -307,6 +351,10 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
     for job in jobs:  # the longest groups first, each to the lane with the least work so far
         min(lanes, key=lambda lane: sum(len(j) for j in lane)).append(job)
     total = len(groups and [p for g in groups.values() for p in g])
+    if workers > 1:  # imports each worker would make, made once before forking (peft's alone takes seconds)
+        if any(getattr(getattr(p.options, "adapter", None), "name", None) == "lora" for p in phases):
+            import peft.tuners.lora  # noqa: F401
+        example_batch(recipe, 1)
     global _JOB
     _JOB = (recipe, phases, progress, total)
     try:
@@ -323,6 +371,12 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
     for phase in phases:
         plan = copy.deepcopy(done[_measure_key(phase)])
         plan.phase = phase.name
+        path = _teacher_path(phase)
+        if path is not None and plan.teacher_path and path != plan.teacher_path:  # the solver's FLOPs scale
+            extra = plan.teacher_tflop * (path / plan.teacher_path - 1)  # with its steps; nothing else differs
+            plan.tflop_per_sample += extra / recipe.train.batch_size
+            plan.tflop_per_step += extra * recipe.train.grad_accum
+            plan.teacher_tflop, plan.teacher_path = plan.teacher_tflop + extra, path
         if gpu is not None:
             memory, rate = gpu
             plan.fits = plan.peak_gib_per_rank <= memory
@@ -352,13 +406,15 @@ def _plan_lane(lane: list[list[Any]]) -> dict[str, PhasePlan]:
 
 def plan_table(plans: list[PhasePlan], gpu: tuple[float, float] | None) -> str:
     """The plan as a markdown table (GiB per rank)."""
-    head = ["phase", "trained", "frozen", "params", "grads", "optim", "activ", "rest", "peak GiB", "TFLOP/sample"]
+    head = ["phase", "trained", "frozen", "params", "codec", "grads", "optim", "activ", "rest", "peak GiB",
+            "TFLOP/sample"]
     if gpu is not None:
         head += ["fits", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in plans:
         row = [p.phase, _count(p.params_trained), _count(p.params_frozen),
-               *(f"{p.parts[k]:.2f}" for k in ("parameters", "gradients", "optimizer", "activations", "rest")),
+               *(f"{p.parts.get(k, 0.0):.2f}" for k in ("parameters", "codec", "gradients", "optimizer", "activations",
+                                                        "rest")),
                f"{p.peak_gib_per_rank:.2f}", f"{p.tflop_per_sample:.1f}"]
         if gpu is not None:
             row += ["yes" if p.fits else "**no**", f"{p.seconds_per_step:.3g}" if p.seconds_per_step is not None else "-"]

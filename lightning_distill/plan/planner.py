@@ -337,7 +337,9 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
     """A :class:`PhasePlan` per phase; phases alike in everything that sets memory and FLOPs are measured once.
 
     Phases whose optimizers' steps are alike are planned together (the steps measured once); such groups are
-    shared among ``workers`` forked processes (default: one per core), each its own meta computation.
+    shared among ``workers`` forked processes (default: one per core), each its own meta computation. Forking
+    after CPU work in the same process can hang in OpenMP's thread pool: a caller that has computed on the CPU
+    before (a notebook, a test) passes ``workers=1``; the CLI forks before any.
     ``progress``: a line on stderr per phase measured."""
     recipe = loaded.recipe
     phases = recipe.schedule.build().phases()
@@ -351,10 +353,8 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
     for job in jobs:  # the longest groups first, each to the lane with the least work so far
         min(lanes, key=lambda lane: sum(len(j) for j in lane)).append(job)
     total = len(groups and [p for g in groups.values() for p in g])
-    if workers > 1:  # imports each worker would make, made once before forking (peft's alone takes seconds)
-        if any(getattr(getattr(p.options, "adapter", None), "name", None) == "lora" for p in phases):
-            import peft.tuners.lora  # noqa: F401
-        example_batch(recipe, 1)
+    if workers > 1 and any(getattr(getattr(p.options, "adapter", None), "name", None) == "lora" for p in phases):
+        import peft.tuners.lora  # noqa: F401  # imported once before forking (it alone takes seconds)
     global _JOB
     _JOB = (recipe, phases, progress, total)
     try:

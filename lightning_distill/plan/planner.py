@@ -208,6 +208,8 @@ class _Memo:
 
     calls: dict[Any, Any] = field(default_factory=dict)
     steps: dict[str, tuple[int, int]] = field(default_factory=dict)
+    codec: int | None = None
+    """Bytes of the recipe's codec (the same in every phase)."""
 
 
 def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = None,
@@ -284,25 +286,35 @@ def plan_phase(recipe: Any, phases: list[Any], phase: Any, memo: _Memo | None = 
         rise, step_flops = memo.steps[key]
     peak = max(prepare_peak, kept + rise)
     activations = max(0, peak - grads_bytes * shard)
-    parts = {"parameters": params_bytes + gathered, "codec": _codec_bytes(recipe), "gradients": grads_bytes,
+    if memo.codec is None:
+        memo.codec = _codec_bytes(recipe)
+    parts = {"parameters": params_bytes + gathered, "codec": memo.codec, "gradients": grads_bytes,
              "optimizer": optim_bytes, "activations": activations}
     parts = {k: v / GIB for k, v in parts.items()}
     parts["rest"] = CONTEXT_GIB + FRAGMENTATION * sum(parts.values())
     total_flops = float(prepare_flops + step_flops)
-    # the teacher's solver at its longest path (a batch's draw of timesteps may have asked for fewer steps)
     solver = [tally[id(m.denoiser)] for m in modules.values() if isinstance(m, SamplerTeacher) and id(m.denoiser) in tally]
     teacher_flops, teacher_calls = sum(f for f, _ in solver), sum(c for _, c in solver)
-    path = _teacher_path(phase)
-    if path is not None and teacher_calls:
-        total_flops += teacher_flops * (path / teacher_calls - 1)
-        teacher_flops = teacher_flops * path / teacher_calls
-    return PhasePlan(
+    plan = PhasePlan(
         phase=phase.name, params_trained=sum(c["trained"] for c in counts.values()),
         params_frozen=sum(c["frozen"] for c in counts.values()), parts=parts,
         tflop_per_sample=total_flops / 1e12 / recipe.train.batch_size,
         tflop_per_step=total_flops / 1e12 * recipe.train.grad_accum, modules=counts,
-        teacher_tflop=teacher_flops / 1e12, teacher_path=path if teacher_calls else None,
+        teacher_tflop=teacher_flops / 1e12, teacher_path=teacher_calls or None,
     )
+    # the teacher's solver at its longest path (a batch's draw of timesteps may have asked for fewer steps)
+    return _at_teacher_path(plan, _teacher_path(phase), recipe)
+
+
+def _at_teacher_path(plan: PhasePlan, path: int | None, recipe: Any) -> PhasePlan:
+    """``plan`` with its teacher's solver taking ``path`` steps per sample: the solver's FLOPs scale with its
+    steps, nothing else differs."""
+    if path is not None and plan.teacher_path and path != plan.teacher_path:
+        extra = plan.teacher_tflop * (path / plan.teacher_path - 1)  # per iteration (one micro-batch)
+        plan.tflop_per_sample += extra / recipe.train.batch_size
+        plan.tflop_per_step += extra * recipe.train.grad_accum
+        plan.teacher_tflop, plan.teacher_path = plan.teacher_tflop + extra, path
+    return plan
 
 
 def _teacher_path(phase: Any) -> int | None:
@@ -352,7 +364,7 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
     lanes: list[list[Any]] = [[] for _ in range(workers)]
     for job in jobs:  # the longest groups first, each to the lane with the least work so far
         min(lanes, key=lambda lane: sum(len(j) for j in lane)).append(job)
-    total = len(groups and [p for g in groups.values() for p in g])
+    total = sum(len(g) for g in groups.values())
     if workers > 1 and any(getattr(getattr(p.options, "adapter", None), "name", None) == "lora" for p in phases):
         import peft.tuners.lora  # noqa: F401  # imported once before forking (it alone takes seconds)
     global _JOB
@@ -369,14 +381,8 @@ def plan_recipe(loaded: Any, gpu: tuple[float, float] | None = None, mfu: float 
     done = {k: v for r in results for k, v in r.items()}
     plans: list[PhasePlan] = []
     for phase in phases:
-        plan = copy.deepcopy(done[_measure_key(phase)])
+        plan = _at_teacher_path(copy.deepcopy(done[_measure_key(phase)]), _teacher_path(phase), recipe)
         plan.phase = phase.name
-        path = _teacher_path(phase)
-        if path is not None and plan.teacher_path and path != plan.teacher_path:  # the solver's FLOPs scale
-            extra = plan.teacher_tflop * (path / plan.teacher_path - 1)  # with its steps; nothing else differs
-            plan.tflop_per_sample += extra / recipe.train.batch_size
-            plan.tflop_per_step += extra * recipe.train.grad_accum
-            plan.teacher_tflop, plan.teacher_path = plan.teacher_tflop + extra, path
         if gpu is not None:
             memory, rate = gpu
             plan.fits = plan.peak_gib_per_rank <= memory

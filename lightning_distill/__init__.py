@@ -17,6 +17,7 @@ from lightning_distill.config.registry import (
     METRICS,
     OPTIMIZERS,
     REGISTRIES,
+    REGULARIZERS,
     SCHEDULES,
     STUDENTS,
     TEACHERS,
@@ -26,6 +27,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTERS", "BACKBONES", "CALLBACKS", "CODECS", "DATA", "DISCRIMINATORS", "FEATURES", "HEADS", "LOSSES", "METHODS", "METRICS",
-    "OPTIMIZERS", "REGISTRIES", "SCHEDULES", "STUDENTS", "TEACHERS",
+    "OPTIMIZERS", "REGISTRIES", "REGULARIZERS", "SCHEDULES", "STUDENTS", "TEACHERS",
     "Method", "OptimizerSettings", "Phase", "RecipeError", "Spec", "UserError", "component",
 ]

@@ -18,7 +18,8 @@ def _local(t: Tensor) -> Tensor:
 
 @CALLBACKS.register("ema")
 class EMA(Callback):
-    """``shadow = decay * shadow + (1 - decay) * param`` after every step of every phase that trains ``module``.
+    """``shadow = decay * shadow + (1 - decay) * param`` after every step of every phase that trains ``module`` (of
+    the ``kinds`` listed), from its ``start``-th iteration on (until then the shadow follows the weights).
 
     The shadow restarts from the live weights at each phase start. With ``use_at_phase_end`` the averaged weights
     replace the live ones when a phase ends, so the phase hands the average to the next phase, the next stage's
@@ -33,11 +34,19 @@ class EMA(Callback):
         """Use ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the initial weights."""
         use_at_phase_end: bool = True
         """Hand the averaged weights on when a phase ends (else the average is only kept while training)."""
+        start: int = 0
+        """Iterations of each phase before averaging starts; until then the shadow is a copy of the weights."""
+        kinds: list[str] | None = None
+        """Only phases of these kinds (e.g. [adversarial]); None: every phase that trains the module."""
 
     def __init__(self, config: Config, *, out_dir: Any = None) -> None:
         self.config = config
         self.shadow: dict[str, Tensor] = {}
         self.updates = 0
+
+    def _applies(self, phase: Any) -> bool:
+        kinds = self.config.kinds
+        return self.config.module in phase.optimizers and (kinds is None or phase.kind in kinds)
 
     def _params(self, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
         module = modules.get(self.config.module)
@@ -45,13 +54,22 @@ class EMA(Callback):
             return {}
         return {n: p for n, p in module.named_parameters() if p.requires_grad or n in self.shadow}
 
-    def on_phase_start(self, *, modules: dict[str, nn.Module], **_: Any) -> None:
+    def on_phase_start(self, *, modules: dict[str, nn.Module], phase: Any = None, **_: Any) -> None:
+        if phase is not None and not self._applies(phase):
+            self.shadow = {}
+            return
         if not self.shadow:  # not restored from a checkpoint
             self.shadow = {n: _local(p.detach()).clone().float() for n, p in self._params(modules).items()}
             self.updates = 0
 
     @torch.no_grad()
-    def on_step_end(self, *, modules: dict[str, nn.Module], **_: Any) -> None:
+    def on_step_end(self, *, modules: dict[str, nn.Module], phase: Any = None, step: int | None = None, **_: Any) -> None:
+        if not self.shadow:  # a phase this average does not apply to
+            return
+        if phase is not None and step is not None and step - phase.start <= self.config.start:
+            for name, p in self._params(modules).items():  # before the start: follow the weights
+                self.shadow[name].copy_(_local(p.detach()).float())
+            return
         self.updates += 1
         n = self.updates
         decay = min(self.config.decay, (1 + n) / (10 + n)) if self.config.warmup else self.config.decay

@@ -1,31 +1,100 @@
-"""Evaluate the run when training ends: ``report.md``, ``metrics.json``, PNG grids and TensorBoard scalars."""
+"""Evaluate the run when training ends: ``report.md``, ``metrics.json``, PNG grids and TensorBoard scalars; and,
+while training, the instruments of every adversarial phase (``instruments.json``)."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lightning_distill.eval.evaluate import EvalConfig, check_rows, evaluate_run
 from lightning_distill.config.registry import CALLBACKS
 from lightning_distill.callbacks.base import Callback
+from lightning_distill.utils.files import write_atomically
+
+ACCURACY = "d/accuracy"
+"""The discriminator step's log of how often it tells teacher from student (0.5: chance)."""
+GAP = "mse_to_teacher"
+"""The student step's log of its mean squared distance to the teacher's target."""
+
+
+def instrument_windows(phase: Any) -> tuple[range, range]:
+    """Iterations (from 0 within ``phase``) over which the instruments average: the last fifth of the
+    discriminator's warm-up (with no warm-up, the first fifth of the phase) and the last fifth of the phase."""
+    warmup = phase.optimizers["student"].after if "student" in phase.optimizers else 0
+    span = warmup or phase.steps
+    warm = range(warmup - max(1, math.ceil(warmup / 5)), warmup) if warmup else range(0, max(1, math.ceil(span / 5)))
+    end = range(phase.steps - max(1, math.ceil(phase.steps / 5)), phase.steps)
+    return warm, end
 
 
 @CALLBACKS.register("report")
 class Report(Callback):
     """Samples the teacher and each listed stage's student on the same prompts and noise and scores them
-    (see :mod:`lightning_distill.evaluate`). Runs on rank 0 after the last phase, also when a finished run is
-    started again."""
+    (see :mod:`lightning_distill.eval.evaluate`). Runs on rank 0 after the last phase, also when a finished run is
+    started again. During training it records, per adversarial phase, the discriminator's accuracy at the end of
+    its warm-up and at the end of the phase, and the student's distance to its teacher (``instruments.json``, a
+    table in the report)."""
 
     Config = EvalConfig
 
     def __init__(self, config: EvalConfig, *, out_dir: Path) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
+        self.rows: list[dict[str, Any]] = []
+        self._phase: str | None = None
+        self._sums = torch.zeros(6)  # accuracy sum and count at warm-up end, at phase end; gap sum and count
 
     @staticmethod
     def check(config: EvalConfig, phases: list[Any]) -> None:
         check_rows(config, phases)
 
+    # -- instruments ----------------------------------------------------------------------------------------
+    def on_phase_start(self, *, phase: Any, **_: Any) -> None:
+        if self._phase != phase.name:  # not resumed inside this phase
+            self._phase, self._sums = phase.name, torch.zeros(6)
+
+    def on_step_end(self, *, phase: Any, step: int, logs: dict[str, torch.Tensor], **_: Any) -> None:
+        if "discriminator" not in phase.optimizers:
+            return
+        i = step - 1 - phase.start
+        warm, end = instrument_windows(phase)
+        add = torch.zeros(6)
+        if ACCURACY in logs and i in warm:
+            add[0], add[1] = float(logs[ACCURACY]), 1
+        if ACCURACY in logs and i in end:
+            add[2], add[3] = float(logs[ACCURACY]), 1
+        if GAP in logs and i in end:
+            add[4], add[5] = float(logs[GAP]), 1
+        self._sums += add
+
+    def on_phase_result(self, *, fabric: Any, phase: Any, **_: Any) -> None:
+        if "discriminator" not in phase.optimizers:
+            return
+        sums = self._sums
+        if fabric.world_size > 1:  # each rank judged its own samples: the mean over ranks
+            sums = fabric.all_reduce(sums.to(fabric.device), reduce_op="mean").cpu()
+
+        def mean(total: torch.Tensor, count: torch.Tensor) -> float | None:
+            return round(float(total / count), 4) if count > 0 else None
+
+        row = {"phase": phase.name, "d_accuracy_warmup": mean(sums[0], sums[1]), "d_accuracy_end": mean(sums[2], sums[3]),
+               "student_teacher_gap": mean(sums[4], sums[5])}
+        self.rows = [r for r in self.rows if r["phase"] != phase.name] + [row]
+        if fabric.is_global_zero:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.out_dir / "instruments.json", json.dumps({"phases": self.rows}, indent=2))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "phase": self._phase, "sums": self._sums.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows, self._phase, self._sums = state["rows"], state["phase"], torch.tensor(state["sums"])
+
+    # -- evaluation -----------------------------------------------------------------------------------------
     def on_fit_end(self, *, fabric: Any, recipe: Any, **_: Any) -> None:
         if fabric.is_global_zero:
             from torch.utils.tensorboard import SummaryWriter
@@ -38,5 +107,7 @@ class Report(Callback):
             width = max(len(r["model"]) for r in tree["results"])
             lines = [f"{r['model']:<{width}} {r['steps']:>3} steps  " + "  ".join(
                 f"{k} {v:.3f}" for k, v in r.items() if k not in ("model", "steps", "seconds")) for r in tree["results"]]
+            lines += [f"{r['phase']}: D accuracy {r['d_accuracy_warmup']} after warm-up, {r['d_accuracy_end']} at the end"
+                      for r in tree["discriminator"]]
             print("evaluation (" + str(self.out_dir / "report.md") + "):\n  " + "\n  ".join(lines))
         fabric.barrier()

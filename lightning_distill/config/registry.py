@@ -137,7 +137,15 @@ LOSSES = Registry(
     "loss",
     """Objectives. Regression losses: ``cls(config) -> callable(pred, target) -> scalar``. Adversarial losses
     also have ``discriminator_loss(real_logits, fake_logits) -> scalar`` and ``generator_loss(fake_logits) -> scalar``
-    and set ``adversarial = True``.""",
+    and set ``adversarial = True``; ``generator_loss(fake_logits, real_logits)`` gets the real logits (paired per
+    sample) when the loss sets ``relativistic = True``.""",
+)
+REGULARIZERS = Registry(
+    "regularizer",
+    """Discriminator regularisers, listed under ``method.regularizers``. ``cls(config) -> Regularizer`` whose config
+    has ``weight`` and ``every`` (lazy: applied on every ``every``-th discriminator step, scaled by ``every``), with
+    ``__call__(d, real, fake, real_logits, fake_logits) -> scalar penalty`` where ``d(x) -> logits`` is the
+    discriminator on the batch's conditioning and ``real``/``fake`` the inputs it judged (after re-noising).""",
 )
 SCHEDULES = Registry(
     "schedule",
@@ -193,6 +201,7 @@ REGISTRIES: dict[str, Registry] = {
         HEADS,
         DISCRIMINATORS,
         LOSSES,
+        REGULARIZERS,
         SCHEDULES,
         DATA,
         CODECS,
@@ -212,7 +221,7 @@ BUILTIN_MODULES = tuple(
         "data.cache", "data.images", "data.synthetic",
         "eval.metrics",
         "methods.diffusion.method", "methods.diffusion.schedule", "methods.lightning.ladder", "methods.lightning.method",
-        "models.adapters", "models.discriminator", "models.losses", "models.noise", "models.optim", "models.student",
+        "models.adapters", "models.discriminator", "models.losses", "models.regularizers", "models.noise", "models.optim", "models.student",
         "models.flux.network", "models.sd3.network", "models.sdxl.network", "models.toy.network", "models.transformer",
         "worlds.shapes.features", "worlds.shapes.world",
     )

@@ -55,6 +55,8 @@ def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float] | None:
     recipe = loaded.recipe
     check_run_folder(out_dir, loaded)
     callbacks = [spec.build(out_dir=out_dir) for spec in recipe.callbacks]
+    # the method's options may need callbacks of their own (the distillation's student EMA)
+    callbacks += getattr(recipe.method.component(), "callbacks", lambda _: [])(recipe.method.config)
     fabric = build_fabric(recipe.fabric, callbacks)
     fabric.meta_init = recipe.fabric.meta_init
     fabric.launch()

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_distill.config.fields import PositiveInt, component
 from lightning_distill.errors import UserError
+from lightning_distill.eval.metrics import Described
 from lightning_distill.methods.base import PhaseModel
 from lightning_distill.utils.images import image_grid, to_unit
 from lightning_distill.utils.files import write_atomically
@@ -59,13 +60,46 @@ class EvalConfig:
     features: component("features") = field(default_factory=lambda: {"name": "shapes"})  # type: ignore[valid-type]
     metrics: list[component("metric")] = field(  # type: ignore[valid-type]
         default_factory=lambda: [{"name": n} for n in ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence",
-                                                       "diversity", "coverage")]
+                                                       "diversity", "diversity_per_prompt", "coverage")]
     )
     grid: PositiveInt = 16
     """Samples in each PNG grid (the first prompts)."""
     grid_zoom: PositiveInt = 3
     """Pixels per image pixel in the PNG grids (nearest neighbour), so that small images can be seen."""
     batch_size: PositiveInt = 128
+    diversity_prompts: int = 16
+    """Under-specified prompts (the first of the evaluated ones whose caption leaves an attribute open) sampled
+    ``diversity_noises`` times each, for per-prompt metrics (``diversity_per_prompt``); 0: none."""
+    diversity_noises: PositiveInt = 8
+    diversity_pool: PositiveInt = 2048
+    """Items of the data source whose scenes are the real reference of each prompt's open attributes."""
+
+
+def _per_prompt_set(config: EvalConfig, data: Any, mentioned: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The evaluated prompts sampled several times (the first ``diversity_prompts`` that leave an attribute open),
+    each sample's prompt number, and the attributes of the reference pool of real scenes."""
+    if not config.diversity_prompts:
+        raise UserError("evaluation: diversity_per_prompt needs several samples per prompt; set the report's "
+                        "diversity_prompts above 0 or drop the metric")
+    if mentioned is None:
+        raise UserError("evaluation: per-prompt metrics need data whose items say which attributes the caption "
+                        "names ('mentioned'); set the report's diversity_prompts: 0 or drop diversity_per_prompt")
+    picked = torch.nonzero(~mentioned.bool().all(dim=1)).flatten()[: config.diversity_prompts]
+    if not len(picked):
+        raise UserError("evaluation: no evaluated prompt leaves an attribute open (shapes captions: mixed)")
+    size = min(config.diversity_pool, len(data))
+    pool = torch.stack([data[i]["attributes"] for i in range(size)])
+    return picked, torch.arange(len(picked)).repeat_interleave(config.diversity_noises), pool
+
+
+def _real_draws(pool: Tensor, attributes: Tensor, mentioned: Tensor, seed: int) -> Tensor:
+    """Per row, the attributes of a real scene of the row's prompt, drawn from ``pool`` (real samples)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    rows = []
+    for a, m in zip(attributes, mentioned.bool()):
+        agree = torch.nonzero((pool[:, m] == a[m]).all(dim=1)).flatten()
+        rows.append(pool[agree[torch.randint(len(agree), (1,), generator=g)]][0] if len(agree) else a)
+    return torch.stack(rows)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -104,15 +138,27 @@ def evaluate_run(
     features = config.features.build().to(device)
     metrics = [(m.name, m.build()) for m in config.metrics]
 
-    def sample(model: PhaseModel, steps: int, guidance: float = 0.0) -> Tensor:
+    per_prompt = [(n, m) for n, m in metrics if getattr(m, "per_prompt", False)]
+    groups = _per_prompt_set(config, data, mentioned) if per_prompt else None
+    if groups is not None:
+        picked, group_ids, pool = groups
+        group_cond = {k: v[picked].repeat_interleave(config.diversity_noises, 0) for k, v in cond.items()}
+        group_noise = torch.randn((len(group_ids), *real.shape[1:]), generator=torch.Generator().manual_seed(config.seed + 1))
+
+    def sample(model: PhaseModel, steps: int, guidance: float = 0.0, noise: Tensor = noise,
+               cond: dict[str, Tensor] = cond) -> Tensor:
         model.denoiser.to(device)
         out = []
-        for s in _chunks(len(prompts), config.batch_size):
+        for s in _chunks(len(noise), config.batch_size):
             x = model.sample(noise[s].to(device), {k: v[s] for k, v in cond.items()}, steps, guidance, null)
             out.append(to_unit(codec.decode(x)))
         return torch.cat(out)
 
+    def sample_groups(model: PhaseModel, steps: int, guidance: float = 0.0) -> Tensor | None:
+        return sample(model, steps, guidance, group_noise, group_cond) if groups is not None else None
+
     rows: list[tuple[str, int, float, Tensor, float]] = []  # model, steps, guidance, images, seconds
+    grouped: list[Tensor | None] = []  # per row, the per-prompt samples
     teacher = method.phase_model(None, None)
     teacher_rows = [("teacher", config.teacher.guidance)] + [("teacher-unguided", 0.0)] * config.teacher.unguided
     for label, guidance in teacher_rows:
@@ -120,21 +166,39 @@ def evaluate_run(
             start = time.perf_counter()
             images = sample(teacher, steps, guidance)
             rows.append((label, steps, guidance, images, time.perf_counter() - start))
+            grouped.append(sample_groups(teacher, steps, guidance))
     for row in config.models:
         model = run.phase_model(run.pick(row.stage), method)
         steps = row.steps or model.facts.steps
         start = time.perf_counter()
         images = sample(model, steps)
         rows.append((row.model, steps, 0.0, images, time.perf_counter() - start))
+        grouped.append(sample_groups(model, steps))
 
     described_real = features.describe(real, attributes, mentioned)
     reference = features.describe(rows[0][3], attributes, mentioned)  # the teacher at its first (most) steps
+    if groups is not None:  # the real reference of each prompt: the pool's scenes; real samples: scenes drawn from it
+        pool_real = Described(*(torch.empty(0),) * 3, attributes=pool)
+        group_attributes, group_mentioned = attributes[picked][group_ids], mentioned[picked][group_ids]
+        drawn = _real_draws(pool, group_attributes, group_mentioned, config.seed)
+        real_groups = Described(*(torch.empty(0),) * 2, drawn, group_attributes, group_mentioned, groups=group_ids)
+
+    def score(described: Described, images: Tensor | None) -> dict[str, float]:
+        scores = {}
+        for name, metric in metrics:
+            if getattr(metric, "per_prompt", False):
+                group = real_groups if images is None else features.describe(images, group_attributes, group_mentioned)
+                group.groups = group_ids
+                scores[name] = metric(group, pool_real, reference)
+            else:
+                scores[name] = metric(described, described_real, reference)
+        return scores
+
     results = []
-    for model, steps, guidance, images, seconds in rows:
-        described = features.describe(images, attributes, mentioned)
-        scores = {name: metric(described, described_real, reference) for name, metric in metrics}
+    for (model, steps, guidance, images, seconds), group_images in zip(rows, grouped):
+        scores = score(features.describe(images, attributes, mentioned), group_images)
         results.append({"model": model, "steps": steps, "guidance": guidance, **scores, "seconds": round(seconds, 3)})
-    real_scores = {name: metric(described_real, described_real, reference) for name, metric in metrics}
+    real_scores = score(described_real, None)
 
     grids = run_dir / "samples"
 
@@ -144,8 +208,10 @@ def evaluate_run(
     save_grid(zoom(real), grids / "real.png")
     for model, steps, _, images, _ in rows:
         save_grid(zoom(images), grids / f"{model}-{steps}step.png")
+    instruments = run_dir / "instruments.json"
     tree = {
         "results": results,
+        "discriminator": json.loads(instruments.read_text())["phases"] if instruments.is_file() else [],
         "real": real_scores,
         "samples": len(prompts),
         "prompts": prompts[: config.grid],
@@ -166,7 +232,7 @@ def evaluate_run(
 def report(tree: dict[str, Any], names: list[str]) -> str:
     """The markdown report: the table, then one grid per row (same prompts and noise)."""
     arrow = {"fd": "↓", "fd_patch": "↓", "fd_teacher": "↓", "fd_patch_teacher": "↓", "adherence": "↑",
-             "coverage": "↑", "diversity": "↑", "teacher_distance": "↓"}
+             "coverage": "↑", "diversity": "↑", "diversity_per_prompt": "↑", "teacher_distance": "↓"}
     head = ["model", "steps", "guidance", *[f"{n} {arrow.get(n, '')}".strip() for n in names], "sampling s"]
     lines = [
         "# Evaluation",
@@ -176,7 +242,8 @@ def report(tree: dict[str, Any], names: list[str]) -> str:
         "are against real images of the same prompts; fd_teacher, fd_patch_teacher and coverage against the first "
         "teacher row's samples; diversity, where captions leave attributes open, is the entropy of the attributes "
         "read from the samples over that of the real scenes (1: as varied as real images; lower: modes averaged or "
-        "dropped).",
+        "dropped); diversity_per_prompt, for each of a few such prompts sampled from several noises, the number of "
+        "distinct values of its open attributes over the number expected among as many real scenes of the prompt.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -185,6 +252,7 @@ def report(tree: dict[str, Any], names: list[str]) -> str:
         cells = [str(r["model"]), str(r["steps"]), str(r.get("guidance", "")), *[f"{r[n]:.3f}" for n in names],
                  str(r["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += discriminator_table(tree.get("discriminator", []))
     lines += ["", "## Samples", "", "Prompts, in grid order (row by row):", ""]
     lines += [f"{i + 1}. {p}" for i, p in enumerate(tree["prompts"])]
     lines += ["", "real images: ![real](samples/real.png)", ""]
@@ -192,6 +260,25 @@ def report(tree: dict[str, Any], names: list[str]) -> str:
         name = f"{r['model']}-{r['steps']}step"
         lines += [f"**{r['model']}, {r['steps']} steps**", "", f"![{name}](samples/{name}.png)", ""]
     return "\n".join(lines)
+
+
+def discriminator_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The adversarial phases' instruments as a markdown table (none: no lines)."""
+    if not rows:
+        return []
+
+    def cell(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    lines = ["", "## Discriminators", "",
+             "Per adversarial phase: the discriminator's accuracy (teacher's samples called real, student's fake; 0.5 is "
+             "chance) over the last fifth of its warm-up and over the last fifth of the phase, and the student's mean "
+             "squared distance to its teacher's target over the last fifth.", "",
+             "| phase | D accuracy, end of warm-up | D accuracy, end | student–teacher gap |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['phase']} | {cell(r['d_accuracy_warmup'])} | {cell(r['d_accuracy_end'])} | "
+                     f"{cell(r['student_teacher_gap'])} |")
+    return lines
 
 
 def check_rows(config: EvalConfig, phases: list[Any]) -> None:

@@ -44,6 +44,8 @@ class Described:
     """``[N, 4]`` which of them each caption names (None: all)."""
     images: Tensor | None = None
     """``[N, 3, H, W]`` the images themselves, in [0, 1]."""
+    groups: Tensor | None = None
+    """``[N]`` which prompt each image was sampled for, when there are several samples per prompt."""
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -172,6 +174,66 @@ class Diversity(Metric):
         if not ratios:
             raise UserError(f"metric diversity: fewer than {self.config.min_open} prompts leave any attribute open")
         return sum(ratios) / len(ratios)
+
+
+def expected_distinct(probabilities: Tensor, n: int) -> float:
+    """Expected number of distinct values among ``n`` independent draws from a categorical distribution."""
+    return float((1 - (1 - probabilities.double()) ** n).sum())
+
+
+def per_prompt_diversity(predicted: Tensor, attributes: Tensor, mentioned: Tensor, pool: Tensor) -> float:
+    """Mode coverage per prompt, relative to real scenes of that prompt, averaged over prompts.
+
+    For each prompt ``p`` (``attributes[p]``, ``mentioned[p]``: its scene and which attributes its caption names)
+    with ``n`` samples (``predicted[p]``: ``[n, A]`` attribute values read from them) and each attribute ``a`` it
+    leaves open: the number of distinct values among the samples over the number expected among ``n`` real scenes
+    of the prompt, drawn from ``pool`` (``[N, A]`` real scenes' attributes; the real scenes of a prompt are those
+    that agree with it on every named attribute). The mean over the prompt's open attributes, then over prompts.
+
+    About 1 for real scenes of the prompts; ``1 / E[distinct]`` for a model that draws one scene per prompt (mode
+    dropping) and likewise for one that averages the modes (every noise lands on the same blurred mean).
+    Prompts that name every attribute, or with fewer than 2 real scenes in the pool, are skipped.
+    """
+    n = predicted.shape[1]
+    scores = []
+    for p in range(predicted.shape[0]):
+        named = mentioned[p].bool()
+        if bool(named.all()):
+            continue
+        agree = (pool[:, named] == attributes[p, named]).all(dim=1)
+        if int(agree.sum()) < 2:
+            continue
+        ratios = []
+        for a in torch.nonzero(~named).flatten().tolist():
+            counts = torch.bincount(pool[agree, a].long()).double()
+            expected = expected_distinct(counts / counts.sum(), n)
+            ratios.append(len(set(predicted[p, :, a].tolist())) / expected)
+        scores.append(sum(ratios) / len(ratios))
+    if not scores:
+        raise UserError("metric diversity_per_prompt: no prompt leaves an attribute open (shapes captions: mixed)")
+    return sum(scores) / len(scores)
+
+
+@METRICS.register("diversity_per_prompt")
+class PerPromptDiversity(Metric):
+    """Per under-specified prompt, several samples from different noises: the share of the values the prompt
+    leaves open that appear among them, relative to real scenes of the prompt (:func:`per_prompt_diversity`).
+    It sees both mode dropping and mode averaging prompt by prompt, where ``diversity`` pools prompts. Needs the
+    report's per-prompt samples (``samples.groups``)."""
+
+    per_prompt = True
+    """Scored on the report's per-prompt sample sets (``Described.groups``), not on one sample per prompt."""
+
+    def __call__(self, samples: Described, real: Described, teacher: Described | None = None) -> float:
+        if samples.groups is None or samples.attributes is None or samples.mentioned is None or real.attributes is None:
+            raise UserError("metric diversity_per_prompt needs several samples per prompt (the report's "
+                            "diversity_prompts) and data with 'attributes' and 'mentioned'")
+        g = samples.groups
+        order = torch.argsort(g, stable=True)
+        prompts = int(g.max()) + 1
+        predicted = samples.predicted[order].reshape(prompts, -1, samples.predicted.shape[1])
+        first = order.reshape(prompts, -1)[:, 0]
+        return per_prompt_diversity(predicted, samples.attributes[first], samples.mentioned[first], real.attributes)
 
 
 @METRICS.register("coverage")

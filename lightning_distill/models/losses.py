@@ -1,4 +1,10 @@
-"""Objectives: regression (``loss(pred, target)``) and adversarial (discriminator and generator losses)."""
+"""Objectives: regression (``loss(pred, target)``) and adversarial (discriminator and generator losses).
+
+Adversarial losses take the discriminator's logits on real samples (the teacher's ``x_{t-ns}``) and on fakes (the
+student's), paired per sample: ``real[i]`` and ``fake[i]`` come from the same ``x_t``, text and re-noising noise.
+``generator_loss(fake, real)`` receives the real logits too; only relativistic losses (``relativistic = True``)
+use them, and the method computes them only for those.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +34,12 @@ class MSE:
         return F.mse_loss(pred.float(), target.float(), reduction=self.config.reduction)
 
 
-@LOSSES.register("ns_gan")
-class NonSaturatingGAN:
-    """Non-saturating GAN: ``L_D = -log p - log(1 - p̂)``, ``L_G = -log p̂`` with ``p = sigmoid(logit)``.
-
-    Patch logits ``[B, ...]`` are averaged. ``softplus(-x) = -log sigmoid(x)`` keeps it finite.
-    """
+class AdversarialLoss:
+    """Base of the adversarial losses (the contract in ``LOSSES``' docstring)."""
 
     adversarial = True
+    relativistic = False
+    """The generator's loss needs the real logits (paired per sample)."""
 
     @dataclass(kw_only=True)
     class Config:
@@ -45,28 +49,75 @@ class NonSaturatingGAN:
         self.config = config
 
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+@LOSSES.register("ns_gan")
+class NonSaturatingGAN(AdversarialLoss):
+    """Non-saturating GAN (the paper's): ``L_D = -log p - log(1 - p̂)``, ``L_G = -log p̂`` with ``p = sigmoid(logit)``.
+
+    Patch logits ``[B, ...]`` are averaged. ``softplus(-x) = -log sigmoid(x)`` keeps it finite.
+    """
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
         return F.softplus(-real.float()).mean() + F.softplus(fake.float()).mean()
 
-    def generator_loss(self, fake: Tensor) -> Tensor:
+    def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
         return F.softplus(-fake.float()).mean()
 
 
 @LOSSES.register("hinge")
-class Hinge:
-    """Hinge GAN: ``L_D = mean(relu(m - real)) + mean(relu(m + fake))``, ``L_G = -mean(fake)``."""
-
-    adversarial = True
+class Hinge(AdversarialLoss):
+    """Hinge GAN (LADD's): ``L_D = mean(relu(m - real)) + mean(relu(m + fake))``, ``L_G = -mean(fake)``."""
 
     @dataclass(kw_only=True)
     class Config:
         margin: float = 1.0
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
         m = self.config.margin
         return F.relu(m - real.float()).mean() + F.relu(m + fake.float()).mean()
 
-    def generator_loss(self, fake: Tensor) -> Tensor:
+    def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
         return -fake.float().mean()
+
+
+@LOSSES.register("lsgan")
+class LeastSquares(AdversarialLoss):
+    """Least-squares GAN (Mao et al. 2017): ``L_D = mean((real - a)²) + mean(fake²)``, ``L_G = mean((fake - a)²)``
+    with ``a`` the real label."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        target: float = 1.0
+        """The label of real samples (fake ones are 0)."""
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        return (real.float() - self.config.target).square().mean() + fake.float().square().mean()
+
+    def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
+        return (fake.float() - self.config.target).square().mean()
+
+
+@LOSSES.register("rpgan")
+class RelativisticPairing(AdversarialLoss):
+    """Relativistic pairing GAN (RpGAN; R3GAN, Huang et al. 2024): each real sample is judged against the fake made
+    from the same ``x_t``, ``L_D = mean(softplus(-(real - fake)))``, ``L_G = mean(softplus(-(fake - real)))``.
+
+    The discriminator learns a margin between the pair rather than an absolute label, so it cannot saturate on
+    one side; with R1 and R2 it converges locally where the non-saturating loss oscillates. The real logits in the
+    generator's loss carry no gradient to the student (the teacher's sample does not depend on it).
+    """
+
+    relativistic = True
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        return F.softplus(-(real.float() - fake.float())).mean()
+
+    def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
+        if real is None:
+            raise ValueError("rpgan's generator loss pairs each fake with its real sample's logit: pass real")
+        return F.softplus(-(fake.float() - real.float().detach())).mean()

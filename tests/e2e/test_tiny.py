@@ -180,12 +180,21 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     for r in rows:
         assert isinstance(r["steps"], int) and r["model"] in ("teacher", "teacher-unguided", "lightning", "mse", "adversarial-from-mse")
         assert r["guidance"] == (3.0 if r["model"] == "teacher" else 0.0)
-        for key in ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity"):
+        for key in ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity", "diversity_per_prompt"):
             assert isinstance(r[key], float) and np.isfinite(r[key])
         assert 0.0 <= r["adherence"] <= 1.0
         assert (out / "samples" / f"{r['model']}-{r['steps']}step.png").is_file()
+    assert 0.8 < tree["real"]["diversity_per_prompt"] < 1.2  # real scenes drawn for the same prompts
+    # the instruments of every adversarial phase, and no others
+    adversarial = ["l4-cond", "l4-uncond", "l2-cond", "l2-uncond", "l1-cond", "l1-uncond", "a2-cond", "a2-uncond",
+                   "a1-cond", "a1-uncond"]
+    assert [d["phase"] for d in tree["discriminator"]] == adversarial
+    for d in tree["discriminator"]:
+        assert set(d) == {"phase", "d_accuracy_warmup", "d_accuracy_end", "student_teacher_gap"}
+        assert 0.0 <= d["d_accuracy_warmup"] <= 1.0 and 0.0 <= d["d_accuracy_end"] <= 1.0 and d["student_teacher_gap"] >= 0
     report = (out / "report.md").read_text()
     assert "| lightning | 1 |" in report and "samples/lightning-1step.png" in report
+    assert "## Discriminators" in report and "| l1-uncond |" in report
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()

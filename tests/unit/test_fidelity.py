@@ -148,3 +148,44 @@ def test_adherence_counts_only_the_attributes_a_caption_names():
     adherence = Adherence(None)
     assert adherence(_described(predicted, attributes, mentioned), None) == pytest.approx(4 / 5)
     assert adherence(_described(predicted, attributes, None), None) == pytest.approx(5 / 8)
+
+
+def _per_prompt_world(prompts=24, noises=8):
+    """Under-specified prompts of the mixed world, ``noises`` real scenes drawn for each, and the reference pool."""
+    world = Shapes(Shapes.Config(size=3000, captions="mixed", split="all"), seed=5)
+    items = [world[i] for i in range(3000)]
+    pool = torch.stack([it["attributes"] for it in items])
+    open_ = [it for it in items if not it["mentioned"].all()][:prompts]
+    g = torch.Generator().manual_seed(0)
+    draws, scenes = [], []
+    for it in open_:
+        named = it["mentioned"]
+        agree = torch.nonzero((pool[:, named] == it["attributes"][named]).all(dim=1)).flatten()
+        pick = agree[torch.randint(len(agree), (noises,), generator=g)]
+        draws.append(pool[pick])
+        scenes.append(pick)
+    attributes = torch.stack([it["attributes"] for it in open_])
+    mentioned = torch.stack([it["mentioned"] for it in open_])
+    return torch.stack(draws), attributes, mentioned, pool, items, scenes
+
+
+def test_diversity_per_prompt_is_one_on_real_scenes_low_on_collapse_and_on_blurred_means():
+    from lightning_distill.eval.metrics import per_prompt_diversity
+    from lightning_distill.worlds.shapes.features import ShapesFeatures
+
+    draws, attributes, mentioned, pool, items, scenes = _per_prompt_world()
+    real = per_prompt_diversity(draws, attributes, mentioned, pool)
+    assert 0.9 < real < 1.1
+    # mode dropping: every noise gives the same (valid) scene of the prompt
+    collapsed = per_prompt_diversity(draws[:, :1].expand_as(draws), attributes, mentioned, pool)
+    assert collapsed < 0.45
+    # mode averaging: each noise lands on the mean of the prompt's real scenes (a blur); the classifier reads
+    # one value from it, however many noises
+    features = ShapesFeatures(ShapesFeatures.Config())
+    means = torch.stack([torch.stack([items[int(i)]["pixels"] for i in pick]).mean(0) for pick in scenes])
+    read = features.describe((means + 1) / 2).predicted
+    blurred = per_prompt_diversity(read[:, None].expand_as(draws), attributes, mentioned, pool)
+    assert blurred < 0.45
+    # a prompt that names everything has nothing open: skipped; none open at all is an error
+    with pytest.raises(UserError, match="leaves an attribute open"):
+        per_prompt_diversity(draws, attributes, torch.ones_like(mentioned), pool)

@@ -54,14 +54,14 @@ def test_plugin_package_registers_through_its_entry_point():
 
     names = [ep.name for ep in entry_points(group="lightning_distill.plugins")]
     assert "extras" in names, "pip install ./plugins/lightning-distill-extras"
-    assert "lsgan" in LOSSES and "patch" in HEADS
-    assert LOSSES.get("lsgan").__module__ == "lightning_distill_extras"
+    assert "ns_gan_smooth" in LOSSES and "patch" in HEADS
+    assert LOSSES.get("ns_gan_smooth").__module__ == "lightning_distill_extras"
     assert any(p.startswith("extras") for p in loaded_plugins)
 
 
 def test_plugin_components_train_through_the_cli(cli, tmp_path):
     out = tmp_path / "run"
-    result = cli("train", "recipes/debug.yaml", "--out", str(out), "method.adversarial_loss.name=lsgan",
+    result = cli("train", "recipes/debug.yaml", "--out", str(out), "method.adversarial_loss.name=ns_gan_smooth",
                  "method.discriminator.head.name=patch", "schedule.stages.0.phases.0.steps=1",
                  "schedule.stages.1.phases.0.steps=2", "schedule.stages.1.phases.1.steps=1")
     assert result.returncode == 0, result.stderr
@@ -72,7 +72,8 @@ def test_plugin_components_train_through_the_cli(cli, tmp_path):
 def test_components_command_lists_fields_and_plugins(cli):
     result = cli("components", "loss")
     assert result.returncode == 0, result.stderr
-    assert "lsgan" in result.stdout and "target: float = 1.0" in result.stdout
+    assert "ns_gan_smooth" in result.stdout and "real_label: float = 0.9" in result.stdout
+    assert "rpgan" in result.stdout and "lsgan" in result.stdout
     assert "plugins: extras" in result.stdout
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_distill.engine.artifacts import full_state_dict
-from lightning_distill.config.fields import component
+from lightning_distill.config.fields import Min, component
 from lightning_distill.errors import UserError
 from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseFacts, PhaseModel
 from lightning_distill.methods.lightning.ladder import LadderOptions
 from lightning_distill.models.noise import NoiseSchedule, snr_matched_timesteps
+from lightning_distill.models.regularizers import discriminator_step_index, regularizer_due
 from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
 from lightning_distill.config.registry import LOSSES, METHODS
@@ -51,6 +52,19 @@ def teacher_paths(
     return torch.where(frac >= 1 - 1e-9, torch.full_like(t, -1), t)
 
 
+@dataclass(kw_only=True)
+class StudentEMA:
+    """``method.ema``: an exponential moving average of the student's weights."""
+
+    decay: float = 0.999
+    start: Annotated[int, Min(0)] = 0
+    """Iterations of each phase before averaging starts (until then the average follows the weights)."""
+    warmup: bool = True
+    """Use ``min(decay, (1 + n) / (10 + n))`` over the n-th update, so early averages forget the start quickly."""
+    kinds: list[str] = field(default_factory=lambda: ["adversarial"])
+    """The phase kinds averaged (mse, adversarial, x0_convert)."""
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -73,6 +87,12 @@ class ProgressiveDistillation(Method):
         """The discriminator carries over between the adversarial phases of a stage (its backbone always, its head
         when the conditioning stays the same) and is re-initialised at each stage, as in the paper. False: a
         fresh discriminator in every phase."""
+        regularizers: list[component("regularizer")] = field(default_factory=list)  # type: ignore[valid-type]
+        """Discriminator regularisers applied in its steps, e.g. ``[{name: r1, weight: 1.0, every: 4}]``: r1, r2
+        (gradient penalties on real and fake inputs), approx_r1 (no double backward). Empty: none, as in the paper."""
+        ema: StudentEMA | None = None
+        """Average the student's weights in the phases it trains (of the kinds listed); the average is what the phase
+        hands on (next phase, next stage's teacher), what is exported and what the report evaluates. None: off."""
         timestep_reference: Literal["teacher", "sdxl"] = "teacher"
         """What the recipe's ``renoise_timesteps`` mean. teacher: timesteps of the teacher's own schedule. sdxl:
         SDXL's timesteps (scaled-linear betas), mapped to the teacher's timesteps of the same signal-to-noise
@@ -85,6 +105,17 @@ class ProgressiveDistillation(Method):
         self.seed = seed
         self.regression = config.regression_loss.build()
         self.adversarial = config.adversarial_loss.build()
+        self.regularizers = [(spec.name, spec.build()) for spec in config.regularizers]
+
+    @staticmethod
+    def callbacks(config: Config) -> list[Any]:
+        """Callbacks the method's options need (the student's EMA), added to the recipe's own."""
+        if config.ema is None:
+            return []
+        from lightning_distill.callbacks.ema import EMA
+
+        e = config.ema
+        return [EMA(EMA.Config(module="student", decay=e.decay, warmup=e.warmup, start=e.start, kinds=list(e.kinds)))]
 
     @staticmethod
     def check(config: Config, phases: list[Phase]) -> None:
@@ -209,6 +240,8 @@ class ProgressiveDistillation(Method):
         else:
             target = teacher(x_t, path, cond, o.guidance, self._null(latents) if o.guidance > 1 else None)
         prepared = {"x_t": x_t, "t": t, "t_prev": t_prev, "target": target, "cond": cond}
+        if "discriminator" in self.phase.optimizers:  # the discriminator's own step count, for lazy regularisers
+            prepared["disc_step"] = discriminator_step_index(self.phase, step)
         if o.renoise_timesteps and self.phase.kind == "adversarial":
             prepared.update(self._renoise_plan(t_prev, latents, step))
         return prepared
@@ -241,37 +274,63 @@ class ProgressiveDistillation(Method):
             return x0
         return self.modules["teacher"].schedule.step(x0, eps, b["t_prev"])
 
-    def _discriminate(self, x_prev: Tensor, b: dict) -> Tensor:
+    def _judged(self, x_prev: Tensor, b: dict) -> tuple[Tensor, Tensor]:
+        """What the discriminator sees of ``x_{t-ns}``: re-noised to t* where it is clean (the same noise for real
+        and fake), and at which timestep."""
         t_prev = b["t_prev"]
-        if "t_disc" in b:  # re-noise clean samples to t*, with the same noise for real and fake
+        if "t_disc" in b:
             schedule = self.modules["teacher"].schedule
             noised = schedule.add_noise(x_prev, b["d_noise"], b["t_disc"].clamp(min=0))
             x_prev = torch.where(b["renoise"].reshape(-1, *[1] * (x_prev.ndim - 1)), noised, x_prev)
             t_prev = b["t_disc"]
-        return self.modules["discriminator"](x_prev, t_prev, b["cond"], b["x_t"], b["t"])
+        return x_prev, t_prev
+
+    def _discriminate(self, x_prev: Tensor, b: dict) -> Tensor:
+        x, t_prev = self._judged(x_prev, b)
+        return self.modules["discriminator"](x, t_prev, b["cond"], b["x_t"], b["t"])
 
     def training_step(self, batch: dict, optimizer: str) -> tuple[Tensor, dict[str, Tensor]]:
         if self.phase.kind in ("mse", "x0_convert"):
             loss = self.regression(self._student_step(batch), batch["target"])
             return loss, {f"loss/{self.phase.kind}": loss.detach()}
         if optimizer == "discriminator":
-            with torch.no_grad():
-                fake = self._student_step(batch)
-            real_logits = self._discriminate(batch["target"], batch)
-            fake_logits = self._discriminate(fake, batch)
-            loss = self.adversarial.discriminator_loss(real_logits, fake_logits)
-            return loss, {
-                "loss/discriminator": loss.detach(),
-                "d/p_real": torch.sigmoid(real_logits.detach().float()).mean(),
-                "d/p_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
-                # how often D tells them apart: 0.5 is a discriminator at chance (a dead one), 1 a perfect one
-                "d/accuracy": ((real_logits.detach() > 0).float().mean() + (fake_logits.detach() < 0).float().mean()) / 2,
-            }
+            return self._discriminator_step(batch)
         fake = self._student_step(batch)
-        loss = self.adversarial.generator_loss(self._discriminate(fake, batch))
+        real_logits = None
+        if self.adversarial.relativistic:  # paired with the same sample's real logit (no gradient to the student)
+            with torch.no_grad():
+                real_logits = self._discriminate(batch["target"], batch)
+        loss = self.adversarial.generator_loss(self._discriminate(fake, batch), real_logits)
         with torch.no_grad():
             gap = self.regression(fake, batch["target"])
         return loss, {"loss/generator": loss.detach(), "mse_to_teacher": gap}
+
+    def _discriminator_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():
+            fake = self._student_step(batch)
+        real, t_prev = self._judged(batch["target"], batch)
+        fake, _ = self._judged(fake, batch)
+        disc = self.modules["discriminator"]
+
+        def d(x: Tensor) -> Tensor:
+            return disc(x, t_prev, batch["cond"], batch["x_t"], batch["t"])
+
+        real_logits, fake_logits = d(real), d(fake)
+        loss = adversarial = self.adversarial.discriminator_loss(real_logits, fake_logits)
+        logs = {
+            "loss/discriminator": adversarial.detach(),
+            "d/p_real": torch.sigmoid(real_logits.detach().float()).mean(),
+            "d/p_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+            # how often D tells them apart: 0.5 is a discriminator at chance (a dead one), 1 a perfect one
+            "d/accuracy": ((real_logits.detach() > 0).float().mean() + (fake_logits.detach() < 0).float().mean()) / 2,
+        }
+        for name, reg in self.regularizers:
+            every = reg.config.every
+            if reg.config.weight and regularizer_due(batch.get("disc_step", 0), every):
+                value = reg(d, real, fake, real_logits, fake_logits)
+                loss = loss + reg.config.weight * every * value
+                logs[f"reg/{name}"] = value.detach().float()
+        return loss, logs
 
     # -- what a finished phase is ----------------------------------------------------------------------------
     def facts(self, phase: Phase) -> PhaseFacts:

@@ -1,33 +1,37 @@
-"""Example plugin: a least-squares GAN loss and a patch discriminator head, registered on import."""
+"""Example plugin: a label-smoothed non-saturating GAN loss and a patch discriminator head, registered on import."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_distill import HEADS, LOSSES
 
 
-@LOSSES.register("lsgan")
-class LeastSquares:
-    """Least-squares GAN (Mao et al. 2017): ``L_D = mean((real - 1)^2) + mean(fake^2)``, ``L_G = mean((fake - 1)^2)``."""
+@LOSSES.register("ns_gan_smooth")
+class SmoothedNonSaturating:
+    """Non-saturating GAN with one-sided label smoothing (Salimans et al. 2016): real samples are labelled
+    ``real_label`` instead of 1, ``L_D = -a log p - (1 - a) log(1 - p) - log(1 - p̂)``, ``L_G = -log p̂``."""
 
     adversarial = True
+    relativistic = False  # the generator's loss does not need the real logits
 
     @dataclass(kw_only=True)
     class Config:
-        target: float = 1.0
+        real_label: float = 0.9
         """The label of real samples (fake ones are 0)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
-        return ((real.float() - self.config.target) ** 2).mean() + (fake.float() ** 2).mean()
+        a, real = self.config.real_label, real.float()
+        return (a * F.softplus(-real) + (1 - a) * F.softplus(real)).mean() + F.softplus(fake.float()).mean()
 
-    def generator_loss(self, fake: Tensor) -> Tensor:
-        return ((fake.float() - self.config.target) ** 2).mean()
+    def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
+        return F.softplus(-fake.float()).mean()
 
 
 @HEADS.register("patch")

@@ -1,0 +1,103 @@
+"""Discriminator regularisers: zero-centred gradient penalties on real (R1) and fake (R2) inputs, and the
+approximate R1 that needs no double backward.
+
+Each is applied in the discriminator's step, lazily (every ``every``-th discriminator step, its weight multiplied
+by ``every`` so that the average strength stays the same: StyleGAN2's lazy regularisation), and logs its value as
+``reg/NAME``. "Real" is the teacher's ``x_{t-ns}``, "fake" the student's, each as the discriminator judged it
+(re-noised to ``t*`` where the target is clean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_distill.config.fields import NonNegativeFloat, PositiveInt
+from lightning_distill.config.registry import REGULARIZERS
+
+Discriminate = Callable[[Tensor], Tensor]
+"""``d(x) -> logits``: the discriminator on one batch's conditioning (timesteps, text, ``x_t``)."""
+
+
+def discriminator_step_index(phase: Any, step: int) -> int:
+    """How many steps the discriminator of ``phase`` took before global ``step`` (which it steps at)."""
+    d = phase.optimizers["discriminator"]
+    return (step - phase.start - d.after) // d.every
+
+
+def regularizer_due(disc_step: int, every: int) -> bool:
+    """Whether a lazy regulariser applies on the discriminator's ``disc_step``-th step of a phase (from 0)."""
+    return disc_step % every == 0
+
+
+def gradient_penalty(d: Discriminate, x: Tensor) -> Tensor:
+    """``mean_i ‖∇_x Σ D(x)_i‖²``: the squared norm of D's gradient at each input, averaged over the batch. The graph
+    is kept (``create_graph``) so that the penalty trains D (a double backward)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = d(x)
+        (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
+    return grad.float().square().flatten(1).sum(1).mean()
+
+
+class Regularizer:
+    """Base of the regularisers: ``weight`` and ``every`` for all of them."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        weight: NonNegativeFloat = 1.0
+        """Multiplies the penalty (R3GAN's γ/2 for R1 and R2)."""
+        every: PositiveInt = 1
+        """Apply on every this-many discriminator steps (lazy), with the weight multiplied by it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@REGULARIZERS.register("r1")
+class R1(Regularizer):
+    """Zero-centred gradient penalty on real inputs (Mescheder et al. 2018): ``‖∇_x D(x_real)‖²``. Keeps D from
+    growing steep around the teacher's samples. Needs a double backward (a trainable backbone, one device or DDP)."""
+
+    @dataclass(kw_only=True)
+    class Config(Regularizer.Config):
+        pass
+
+    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return gradient_penalty(d, real)
+
+
+@REGULARIZERS.register("r2")
+class R2(Regularizer):
+    """Zero-centred gradient penalty on fake inputs: ``‖∇_x D(x_fake)‖²`` (R3GAN pairs it with R1 and RpGAN)."""
+
+    @dataclass(kw_only=True)
+    class Config(Regularizer.Config):
+        pass
+
+    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return gradient_penalty(d, fake)
+
+
+@REGULARIZERS.register("approx_r1")
+class ApproximateR1(Regularizer):
+    """Approximate R1 (Seaweed-APT, 2025): ``mean ‖D(x) − D(x + σε)‖²`` on real inputs, a finite-difference stand-in
+    for the gradient penalty. One more forward, no double backward: it works with frozen-feature backbones, under
+    FSDP2 and with fused attention kernels that have no second derivative."""
+
+    @dataclass(kw_only=True)
+    class Config(Regularizer.Config):
+        sigma: NonNegativeFloat = 0.01
+        """Scale of the Gaussian perturbation, in the units of the discriminator's input."""
+
+    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        x = real.detach()
+        perturbed = d(x + self.config.sigma * torch.randn_like(x))
+        return (real_logits.float() - perturbed.float()).square().mean()

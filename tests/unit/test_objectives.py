@@ -1,0 +1,197 @@
+"""Adversarial objectives, discriminator regularisers, lazy regularisation and the student EMA: exact values on
+small tensors, checked against hand computations and explicit ``torch.autograd.grad``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_distill.config.recipe import load_recipe
+from lightning_distill.config.registry import LOSSES, REGULARIZERS
+from lightning_distill.models.regularizers import discriminator_step_index, regularizer_due
+from support import DEBUG_RECIPE
+
+REAL = torch.tensor([2.0, -1.0, 0.5])
+FAKE = torch.tensor([-3.0, 0.0, 1.5])
+
+
+def _loss(name, **fields):
+    cls = LOSSES.get(name)
+    return cls(cls.Config(**fields))
+
+
+def sp(x):  # softplus, by hand
+    return math.log1p(math.exp(x))
+
+
+def test_ns_gan_by_hand():
+    loss = _loss("ns_gan")
+    d = sum(sp(-r) for r in REAL.tolist()) / 3 + sum(sp(f) for f in FAKE.tolist()) / 3
+    assert float(loss.discriminator_loss(REAL, FAKE)) == pytest.approx(d, rel=1e-6)
+    assert float(loss.generator_loss(FAKE)) == pytest.approx(sum(sp(-f) for f in FAKE.tolist()) / 3, rel=1e-6)
+
+
+def test_hinge_by_hand():
+    loss = _loss("hinge", margin=1.0)
+    # relu(1 - [2, -1, .5]) = [0, 2, .5]; relu(1 + [-3, 0, 1.5]) = [0, 1, 2.5]
+    assert float(loss.discriminator_loss(REAL, FAKE)) == pytest.approx(2.5 / 3 + 3.5 / 3)
+    assert float(loss.generator_loss(FAKE)) == pytest.approx(1.5 / 3)
+
+
+def test_lsgan_by_hand_lives_in_the_package():
+    loss = _loss("lsgan", target=1.0)
+    assert type(loss).__module__ == "lightning_distill.models.losses"
+    # (real - 1)^2 = [1, 4, .25]; fake^2 = [9, 0, 2.25]; (fake - 1)^2 = [16, 1, .25]
+    assert float(loss.discriminator_loss(REAL, FAKE)) == pytest.approx(5.25 / 3 + 11.25 / 3)
+    assert float(loss.generator_loss(FAKE)) == pytest.approx(17.25 / 3)
+
+
+def test_rpgan_pairs_each_real_with_its_fake():
+    loss = _loss("rpgan")
+    assert loss.relativistic
+    # real - fake per pair: [5, -1, -1]
+    assert float(loss.discriminator_loss(REAL, FAKE)) == pytest.approx((sp(-5) + sp(1) + sp(1)) / 3, rel=1e-6)
+    assert float(loss.generator_loss(FAKE, REAL)) == pytest.approx((sp(5) + sp(-1) + sp(-1)) / 3, rel=1e-6)
+    # pairing, not pooling: shuffling the fakes changes the loss
+    assert float(loss.discriminator_loss(REAL, FAKE.flip(0))) != pytest.approx(float(loss.discriminator_loss(REAL, FAKE)))
+    # the student's gradient flows through the fake logits only
+    real, fake = REAL.clone().requires_grad_(True), FAKE.clone().requires_grad_(True)
+    loss.generator_loss(fake, real).backward()
+    assert real.grad is None and fake.grad is not None and bool((fake.grad < 0).all())
+    with pytest.raises(ValueError, match="pass real"):
+        loss.generator_loss(FAKE)
+
+
+class Quadratic(nn.Module):
+    """``D(x)_i = Σ_j w_j x_ij²``: gradient ``2 w x``, by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+    def forward(self, x):
+        return (self.w * x.square()).sum(1)
+
+
+def _reg(name, **fields):
+    cls = REGULARIZERS.get(name)
+    return cls(cls.Config(**fields))
+
+
+@pytest.mark.parametrize("name", ["r1", "r2"])
+def test_r1_and_r2_match_an_explicit_gradient(name):
+    torch.manual_seed(0)
+    d = Quadratic()
+    real, fake = torch.randn(4, 3), torch.randn(4, 3)
+    value = _reg(name)(d, real, fake, d(real), d(fake))
+    x = (real if name == "r1" else fake).clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(x).sum(), x)
+    assert torch.allclose(grad, 2 * d.w.detach() * x.detach())  # the hand computation
+    expected = (grad.square().sum(1)).mean()
+    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-6)
+    value.backward()  # the penalty trains D: d/dw of mean Σ 4 w² x² = mean 8 w x²
+    by_hand = (8 * d.w.detach() * x.detach().square()).mean(0)
+    assert torch.allclose(d.w.grad, by_hand, rtol=1e-5)
+
+
+def test_approximate_r1_is_a_finite_difference_on_real_inputs():
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+
+    def d(x):
+        return (a * x).sum(1)
+
+    real, fake = torch.randn(5, 3), torch.randn(5, 3)
+    reg = _reg("approx_r1", sigma=0.1)
+    torch.manual_seed(7)
+    value = reg(d, real, fake, d(real), d(fake))
+    torch.manual_seed(7)
+    eps = torch.randn_like(real)
+    expected = (0.1 * (a.detach() * eps).sum(1)).square().mean()  # D linear: D(x) - D(x + σε) = -σ a·ε
+    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-5)
+    value.backward()
+    assert a.grad is not None and float(a.grad.abs().sum()) > 0  # a single backward reaches D's weights
+
+
+def test_lazy_regularisation_steps_on_the_right_iterations():
+    assert [i for i in range(10) if regularizer_due(i, 4)] == [0, 4, 8]
+    assert all(regularizer_due(i, 1) for i in range(5))
+    loaded = load_recipe(DEBUG_RECIPE, ["schedule.stages.1.phases.0.steps=12",
+                                        "schedule.stages.1.phases.0.discriminator_every=2",
+                                        "schedule.stages.1.phases.0.discriminator_warmup=0"])
+    phase = loaded.recipe.schedule.build().phases()[1]
+    stepping = [s for s in range(phase.start, phase.end) if "discriminator" in phase.optimizers_at(s)]
+    assert [discriminator_step_index(phase, s) for s in stepping] == list(range(6))
+    due = [s - phase.start for s in stepping if regularizer_due(discriminator_step_index(phase, s), 2)]
+    assert due == [0, 4, 8]  # every second discriminator step, which steps every second iteration
+
+
+def _method(*overrides):
+    recipe = load_recipe(DEBUG_RECIPE, list(overrides)).recipe
+    phases = recipe.schedule.build().phases()
+    return recipe, phases, recipe.method.build(phases=phases, codec=recipe.codec.build(), seed=0)
+
+
+def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_path):
+    from lightning_distill.engine.artifacts import Artifacts
+
+    recipe, phases, method = _method("method.adversarial_loss.name=rpgan",
+                                     "method.regularizers=[{name: r1, weight: 0.5, every: 2}, {name: approx_r1}]")
+    artifacts = Artifacts(tmp_path, None, {p.index: p.name for p in phases})
+    artifacts.fabric = type("F", (), {"is_global_zero": True, "barrier": lambda self: None})()
+    method.attach(method.build_phase(phases[0], artifacts))
+    method.phase = phases[0]
+    artifacts.save(0, method.artifact())
+    phase = phases[1]
+    method.attach(method.build_phase(phase, artifacts))
+    batch = recipe.data.build(seed=0)
+    from torch.utils.data import default_collate
+
+    batch = default_collate([batch[i] for i in range(4)])
+    losses = {}
+    for step in (phase.start, phase.start + 1):  # disc steps 0 (r1 due) and 1 (not due)
+        torch.manual_seed(3)
+        prepared = method.prepare(batch, step)
+        torch.manual_seed(4)
+        loss, logs = method.training_step(prepared, "discriminator")
+        losses[step - phase.start] = (loss, logs)
+    (loss0, logs0), (loss1, logs1) = losses[0], losses[1]
+    assert "reg/r1" in logs0 and "reg/r1" not in logs1 and "reg/approx_r1" in logs0 and "reg/approx_r1" in logs1
+    expected = logs0["loss/discriminator"] + 0.5 * 2 * logs0["reg/r1"] + logs0["reg/approx_r1"]
+    assert float(loss0.detach()) == pytest.approx(float(expected), rel=1e-5)
+    loss, logs = method.training_step(prepared, "student")
+    assert "loss/generator" in logs and torch.isfinite(loss)
+
+
+def _ema_run(callback, weights, phase):
+    """Phase start, then each weight vector as the live weights after a step, then the phase's result."""
+    net = nn.Linear(1, 2, bias=False)
+    modules = {"student": net}
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[0.0], [0.0]]))
+    callback.on_phase_start(modules=modules, phase=phase, step=phase.start)
+    for i, w in enumerate(weights):
+        with torch.no_grad():
+            net.weight.copy_(torch.tensor(w).reshape(2, 1))
+        callback.on_step_end(modules=modules, phase=phase, step=phase.start + i + 1)
+    callback.on_phase_result(modules=modules, phase=phase)
+    return net.weight.detach().flatten().tolist()
+
+
+def test_the_method_ema_hands_on_the_averaged_weights():
+    from lightning_distill.methods.lightning.method import ProgressiveDistillation
+
+    recipe, phases, _ = _method("method.ema={decay: 0.5, start: 1, warmup: false}")
+    (ema,) = ProgressiveDistillation.callbacks(recipe.method.config)
+    adversarial, mse = phases[1], phases[0]
+    # start 1: after the first step the average is that step's weights; then shadow = .5 shadow + .5 w
+    got = _ema_run(ema, [[1.0, 2.0], [3.0, 4.0], [5.0, 8.0]], adversarial)
+    expected = [0.5 * (0.5 * 1 + 0.5 * 3) + 0.5 * 5, 0.5 * (0.5 * 2 + 0.5 * 4) + 0.5 * 8]
+    assert got == pytest.approx(expected)
+    ema.on_phase_end()
+    # MSE phases are not averaged by default (kinds: [adversarial]): the live weights are handed on
+    assert _ema_run(ema, [[1.0, 2.0], [3.0, 4.0]], mse) == pytest.approx([3.0, 4.0])
+    assert ProgressiveDistillation.callbacks(load_recipe(DEBUG_RECIPE, []).recipe.method.config) == []

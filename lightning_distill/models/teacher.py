@@ -73,6 +73,13 @@ class PretrainedSource:
     dtype: str = "float32"
 
 
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``module`` (``fully_shard`` makes it an ``FSDPModule``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 class SamplerTeacher(nn.Module):
     """Frozen ``denoiser(x, t, cond) -> prediction`` with a DDIM/Euler sampler over given timesteps.
 
@@ -122,18 +129,25 @@ class SamplerTeacher(nn.Module):
         out = guided(self.denoiser, guidance, null)(x, t, cond)
         return self.schedule.split(out.to(x.dtype), x, t, self.prediction)
 
-    @torch.no_grad()
     def forward(
         self, x: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance: float = 0.0,
-        null: dict[str, Tensor] | None = None,
+        null: dict[str, Tensor] | None = None, *, raw: bool = False,
     ) -> Tensor:
-        """Solve from ``timesteps[:, 0]`` to ``timesteps[:, -1]`` through each column (``-1``: clean).
+        """Solve from ``timesteps[:, 0]`` to ``timesteps[:, -1]`` through each column (``-1``: clean), without grad.
 
         Args:
             x: ``[B, C, H, W]`` at ``timesteps[:, 0]``.
             timesteps: ``[B, n + 1]`` integer timesteps, decreasing along each row.
+            raw: instead, the network's raw output at ``timesteps`` ``[B]``, with autograd (gradients reach ``x``):
+                how a frozen-feature discriminator runs a sharded teacher, whose weights FSDP2 gathers around
+                this call (the root module's forward).
         """
-        with torch.inference_mode(not torch.compiler.is_compiling()):  # compiled code: no_grad alone
+        if raw:
+            return self.denoiser(x, timesteps, cond)
+        # inference mode where it is safe: not in compiled code, and not on a sharded teacher, whose FSDP2 buffers
+        # would become inference tensors that a later forward with autograd (raw) cannot write
+        inference = not torch.compiler.is_compiling() and not _is_sharded(self)
+        with torch.no_grad(), torch.inference_mode(inference):
             for i in range(timesteps.shape[1] - 1):
                 x0, eps = self.predict(x, timesteps[:, i], cond, guidance, null)
                 x = self.schedule.step(x0, eps, timesteps[:, i + 1])

@@ -13,6 +13,7 @@ way, no second copy of the network's weights in memory).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,32 @@ class TransformerDenoiser(nn.Module):
     def token_maps(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], after: list[int],
                    checkpoint: bool = False) -> list[Tensor]:
         raise NotImplementedError
+
+    def token_grid(self, x: Tensor) -> tuple[int, int]:
+        """The ``(h, w)`` grid of image tokens for latents ``x``."""
+        raise NotImplementedError
+
+    def token_maps_by_hooks(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], after: list[int],
+                            run: Callable[[], Any] | None = None) -> list[Tensor]:
+        """The same maps as :meth:`token_maps`, taken by forward hooks on the joint blocks during a whole forward
+        (``run``, default this network's): what works when the network is sharded (FSDP2 gathers each unit's
+        weights around its forward, which calling the embedders by hand would skip)."""
+        blocks = self.block_lists()[0]
+        found: dict[int, Tensor] = {}
+
+        def keep(i: int) -> Any:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                found[i] = output[1]  # joint blocks return (text tokens, image tokens)
+            return hook
+
+        handles = [blocks[i - 1].register_forward_hook(keep(i)) for i in after]
+        try:
+            run() if run is not None else self(x, t, cond)
+        finally:
+            for h in handles:
+                h.remove()
+        h, w = self.token_grid(x)
+        return [found[i].transpose(1, 2).reshape(x.shape[0], -1, h, w) for i in after]
 
     @staticmethod
     def run_block(block: nn.Module, checkpoint: bool, *args: Any) -> Any:
@@ -114,6 +141,11 @@ class TransformerTeacher(SamplerTeacher):
         return self.schedule.scheduler()
 
 
+def _conditioning_dims(config: Any) -> dict[str, int]:
+    """The text sequence's and the pooled embedding's widths a transformer reads."""
+    return {"text": int(config.joint_attention_dim), "pooled": int(config.pooled_projection_dim)}
+
+
 @BACKBONES.register("transformer_blocks")
 class TransformerBlocks(nn.Module):
     """A trainable copy of the teacher transformer's embedders and first ``blocks`` blocks (SDXL-Lightning's
@@ -150,9 +182,17 @@ class TransformerBlocks(nn.Module):
                 setattr(net, name, nn.Identity())
         self.to(DTYPES[config.dtype]).requires_grad_(True).train()
         self.out_channels = int(net.config.num_attention_heads * net.config.attention_head_dim)
+        self.conditioning_dims = _conditioning_dims(net.config)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return self.denoiser.token_maps(x, t, cond, [self.blocks], self.checkpointing)[0]
+
+    @property
+    def level_channels(self) -> list[int]:
+        return [self.out_channels]
+
+    def features(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> list[Tensor]:
+        return [self(x, t, cond)]
 
     def fsdp_units(self) -> list[nn.Module]:
         return list(self.denoiser.transformer.transformer_blocks)
@@ -164,9 +204,8 @@ class FrozenFeatures(nn.Module):
     arXiv 2403.12015): nothing of the backbone trains, only the head, and no copy of the network is made.
     Gradients still reach the generated latents through the frozen weights.
 
-    The teacher is referenced, not owned (it is not in the discriminator's state dict or optimizer). Its
-    weights must be whole on each device: use it on one device or with DDP; under FSDP2, where the teacher is
-    sharded, use ``transformer_blocks``.
+    The teacher is referenced, not owned (it is not in the discriminator's state dict or optimizer). Under FSDP2,
+    where the teacher is sharded, the features are taken by hooks during the teacher's own forward.
     """
 
     @dataclass(kw_only=True)
@@ -190,12 +229,26 @@ class FrozenFeatures(nn.Module):
         self.blocks = sorted(set(blocks))
         self.checkpointing = config.gradient_checkpointing
         object.__setattr__(self, "_teacher", denoiser)  # not a submodule: not saved, not trained, not sharded here
+        object.__setattr__(self, "_sampler", teacher)  # its root module, through which a sharded teacher runs
         width = int(denoiser.transformer.config.num_attention_heads * denoiser.transformer.config.attention_head_dim)
         self.out_channels = width * len(self.blocks)
+        self.conditioning_dims = _conditioning_dims(denoiser.transformer.config)
+        """Conditioning entries (and widths) a multi-level discriminator's heads may read."""
 
-    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    @property
+    def level_channels(self) -> list[int]:
+        """Channels of each map ``features`` returns (one per chosen block)."""
+        return [self.out_channels // len(self.blocks)] * len(self.blocks)
+
+    def features(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> list[Tensor]:
+        """The image-token maps after each chosen block. On a sharded teacher (FSDP2) they are taken by hooks
+        during the teacher's own forward, which gathers its weights; else the blocks run directly, up to the last
+        chosen one."""
         teacher: TransformerDenoiser = self._teacher  # type: ignore[assignment]
         if any(type(p).__name__ == "DTensor" for p in teacher.transformer.parameters()):
-            raise UserError("backbone 'frozen_features' reads the teacher's weights whole; under fsdp2 use "
-                            "backbone 'transformer_blocks'")
-        return torch.cat(teacher.token_maps(x, t, cond, self.blocks, self.checkpointing), dim=1)
+            sampler = self._sampler
+            return teacher.token_maps_by_hooks(x, t, cond, self.blocks, run=lambda: sampler(x, t, cond, raw=True))
+        return teacher.token_maps(x, t, cond, self.blocks, self.checkpointing)
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return torch.cat(self.features(x, t, cond), dim=1)

@@ -324,3 +324,53 @@ def test_cache_stores_what_the_familys_network_takes(family, tiny_sd15, tiny_sd3
     result = run_cli("train", str(recipe), "--out", str(tmp_path / "run"), *args,
                      f"data={{name: cached, root: {tmp_path / 'cache'}}}", "schedule.steps_scale=0.0005")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_multilevel_discriminator_on_frozen_transformer_features(family, sd3, flux, tiny_sd3):
+    """LADD's discriminator on a transformer: one conditioned head per chosen block's token map, only the heads and
+    the conditioning embedding train, the frozen teacher gets no gradient, the latents do; the hook path (what
+    FSDP2 runs) gives the very maps the direct path gives."""
+    from lightning_distill.config.registry import DISCRIMINATORS
+
+    teacher, codec, _ = sd3 if family == "sd3" else flux
+    cls = DISCRIMINATORS.get("multilevel")
+    config = validate({"backbone": {"name": "frozen_features", "blocks": [1]}, "channels": 16, "groups": 8,
+                       "embed_dim": 32}, cls.Config)
+    disc = cls(config, teacher=teacher, conditional=True)
+    assert not any(k.startswith("backbone.") for k in disc.state_dict())
+    width = disc.backbone.level_channels[0]
+    assert len(disc.heads) == 1 and disc.heads[0].body[0].in_channels == 2 * width  # x_t and x_{t-ns} maps
+    assert set(disc.text_proj) == {"text", "pooled"}
+    x_prev = torch.randn(2, 16, 8, 8, requires_grad=True)
+    t_prev, t = torch.tensor([300, 100]), torch.tensor([999, 500])
+    cond = codec.encode_text(PROMPTS)
+    maps = disc.backbone.features(x_prev, t_prev, cond)
+    h, w = teacher.denoiser.token_grid(x_prev)
+    assert [m.shape for m in maps] == [(2, width, h, w)]
+    logits = disc(x_prev, t_prev, cond, torch.randn(2, 16, 8, 8), t)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert x_prev.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.denoiser.parameters())
+    assert all(p.grad is not None for p in disc.parameters())
+    with torch.no_grad():
+        hooked = teacher.denoiser.token_maps_by_hooks(x_prev, t_prev, cond, [1])
+        direct = teacher.denoiser.token_maps(x_prev, t_prev, cond, [1])
+    assert torch.allclose(hooked[0], direct[0], atol=1e-6)
+
+
+def test_multilevel_discriminator_under_fsdp2_equals_one_process(tiny_sd3, tmp_path):
+    """The frozen-feature multi-level discriminator on a teacher sharded by FSDP2 over 2 processes: its logits and
+    the latents' gradient equal those of the unsharded modules in one process."""
+    import subprocess
+    import sys
+
+    from support import HELPERS
+
+    result = subprocess.run([sys.executable, str(HELPERS / "ladd_fsdp.py"), str(tmp_path), str(tiny_sd3)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((tmp_path / "RESULT.json").read_text())
+    assert r["world_size"] == 2 and r["teacher_is_dtensor"]
+    assert r["logits_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r

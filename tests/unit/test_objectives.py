@@ -195,3 +195,30 @@ def test_the_method_ema_hands_on_the_averaged_weights():
     # MSE phases are not averaged by default (kinds: [adversarial]): the live weights are handed on
     assert _ema_run(ema, [[1.0, 2.0], [3.0, 4.0]], mse) == pytest.approx([3.0, 4.0])
     assert ProgressiveDistillation.callbacks(load_recipe(DEBUG_RECIPE, []).recipe.method.config) == []
+
+
+def test_logit_normal_renoising_draws_levels_at_the_same_signal_to_noise_ratio(tmp_path):
+    """LADD's re-noise distribution: flow σ = sigmoid(m + s z), mapped to the teacher's timestep of the same log-SNR;
+    only clean targets are re-noised. Discrete levels and the logit-normal draw do not mix."""
+    from lightning_distill.errors import UserError
+
+    stage = "schedule.stages.1.phases.0."
+    recipe, phases, method = _method(f"{stage}renoise_distribution=logit_normal", f"{stage}renoise_mean=1.0",
+                                     f"{stage}renoise_scale=0.5")
+    phase = phases[1]
+    assert phase.options.renoises and phase.options.renoise_distribution == "logit_normal"
+    teacher = recipe.method.config.teacher.build(seed=0)
+    method.attach({"teacher": teacher})
+    method.phase = phase
+    like = torch.zeros(4000, 4, 8, 8)
+    t_prev = torch.where(torch.arange(4000) % 2 == 0, -1, 500)
+    torch.manual_seed(0)
+    plan = method._renoise_plan(t_prev, like, phase.start)
+    assert torch.equal(plan["renoise"], t_prev < 0)
+    assert torch.equal(plan["t_disc"][t_prev >= 0], t_prev[t_prev >= 0])  # intermediate targets stay as they are
+    levels = plan["t_disc"][t_prev < 0]
+    snr = teacher.schedule.log_snr(levels, like[:1]).double()
+    # log-SNR = -2 (1 + 0.5 z): mean -2, sd 1, up to the grid's spacing
+    assert float(snr.mean()) == pytest.approx(-2.0, abs=0.1) and float(snr.std()) == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(UserError, match="renoise_timesteps apply to renoise_distribution: discrete"):
+        _method(f"{stage}renoise_distribution=logit_normal", f"{stage}renoise_timesteps=[10, 250]")

@@ -33,6 +33,14 @@ class LadderOptions:
     renoise_timesteps: tuple[int, ...] = ()
     renoise_weights: tuple[float, ...] = ()
     renoise_weights_end: tuple[float, ...] = ()
+    renoise_distribution: str = "discrete"
+    renoise_mean: float = 0.0
+    renoise_scale: float = 1.0
+
+    @property
+    def renoises(self) -> bool:
+        """Whether clean targets are re-noised before the discriminator."""
+        return bool(self.renoise_timesteps) or self.renoise_distribution == "logit_normal"
 
 
 @dataclass(kw_only=True)
@@ -73,6 +81,12 @@ class PhaseConfig:
     """Sampling weights of ``renoise_timesteps`` at the phase start (default uniform)."""
     renoise_weights_end: list[NonNegativeFloat] = field(default_factory=list)
     """Weights at the phase end, reached linearly (the paper: 5:1:1:1); default: unchanged."""
+    renoise_distribution: Literal["discrete", "logit_normal"] = "discrete"
+    """discrete: t* among ``renoise_timesteps`` with their weights (the paper). logit_normal: LADD's, a noise level
+    with flow-matching σ = sigmoid(mean + scale·z), z ~ N(0, 1), taken on the teacher's schedule at the same
+    signal-to-noise ratio (log-SNR = -2 (mean + scale·z)); a positive mean favours high noise."""
+    renoise_mean: float = 0.0
+    renoise_scale: NonNegativeFloat = 1.0
     name: str | None = None
     """Defaults to ``{stage}-{kind}`` (``-cond``/``-uncond`` for adversarial, ``-lora`` for LoRA)."""
 
@@ -141,6 +155,9 @@ class Ladder:
             if not stage.phases:
                 raise UserError(f"{where}: a stage needs at least one phase")
             for i, p in enumerate(stage.phases):
+                if p.renoise_distribution == "logit_normal" and p.renoise_timesteps:
+                    raise UserError(f"{where}: renoise_timesteps apply to renoise_distribution: discrete; the "
+                                    "logit_normal one draws its levels (renoise_mean, renoise_scale)")
                 if any(t >= 1000 for t in p.renoise_timesteps):
                     raise UserError(f"{where}: renoise_timesteps must lie in [0, 1000), got {p.renoise_timesteps}")
                 for w in (p.renoise_weights, p.renoise_weights_end):
@@ -188,6 +205,9 @@ class Ladder:
                     renoise_timesteps=tuple(p.renoise_timesteps),
                     renoise_weights=tuple(p.renoise_weights or [1.0] * n),
                     renoise_weights_end=tuple(p.renoise_weights_end or p.renoise_weights or [1.0] * n),
+                    renoise_distribution=p.renoise_distribution,
+                    renoise_mean=p.renoise_mean,
+                    renoise_scale=p.renoise_scale,
                 )
                 specs.append((p.name or f"{stage.name}-{suffix}", stage.name, p.kind, steps, optimizers, options))
             seen.append(stage.name)

@@ -172,10 +172,11 @@ class ProgressiveDistillation(Method):
                 log.warning("phase %s left no discriminator to keep (a run folder of an older version?); "
                             "%s starts with a fresh one", kept.name, phase.name)
             if state:  # the stage's discriminator so far (a new head if the conditioning changed)
+                heads = tuple(getattr(disc, "head_prefixes", ("head.",)))  # what depends on the conditioning
                 if kept.options.conditional != phase.options.conditional:
-                    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+                    state = {k: v for k, v in state.items() if not k.startswith(heads)}
                 missing, unexpected = disc.load_state_dict(state, strict=False)
-                if unexpected or any(not k.startswith("head.") for k in missing):  # only a new head may be missing
+                if unexpected or any(not k.startswith(heads) for k in missing):  # only a new head may be missing
                     raise RuntimeError(f"discriminator of {kept.name} does not fit {phase.name}: "
                                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
             modules["discriminator"] = disc
@@ -242,7 +243,7 @@ class ProgressiveDistillation(Method):
         prepared = {"x_t": x_t, "t": t, "t_prev": t_prev, "target": target, "cond": cond}
         if "discriminator" in self.phase.optimizers:  # the discriminator's own step count, for lazy regularisers
             prepared["disc_step"] = discriminator_step_index(self.phase, step)
-        if o.renoise_timesteps and self.phase.kind == "adversarial":
+        if o.renoises and self.phase.kind == "adversarial":
             prepared.update(self._renoise_plan(t_prev, latents, step))
         return prepared
 
@@ -261,12 +262,28 @@ class ProgressiveDistillation(Method):
     def _renoise_plan(self, t_prev: Tensor, like: Tensor, step: int) -> dict[str, Tensor]:
         """Where the target is clean, a timestep t* (weights moving linearly over the phase) and shared noise."""
         o: LadderOptions = self.phase.options
+        if o.renoise_distribution == "logit_normal":
+            t_star = self._logit_normal_levels(like)
+            return {"t_disc": torch.where(t_prev < 0, t_star, t_prev), "renoise": t_prev < 0,
+                    "d_noise": torch.randn_like(like)}
         progress = (step - self.phase.start) / max(1, self.phase.steps - 1)
         w0, w1 = torch.tensor(o.renoise_weights, device="cpu"), torch.tensor(o.renoise_weights_end, device="cpu")
         weights = (1 - progress) * w0 + progress * w1
         pick = torch.multinomial(weights.double(), like.shape[0], replacement=True).to(like.device)  # on the CPU
         t_star = torch.tensor(self._renoise_levels(like), device=like.device)[pick]
         return {"t_disc": torch.where(t_prev < 0, t_star, t_prev), "renoise": t_prev < 0, "d_noise": torch.randn_like(like)}
+
+    def _logit_normal_levels(self, like: Tensor) -> Tensor:
+        """Per sample, the teacher's timestep nearest in log-SNR to a flow σ drawn logit-normal (LADD)."""
+        o: LadderOptions = self.phase.options
+        key = (self.phase.index, tuple(like.shape[-2:]))
+        cached = getattr(self, "_snr_grid", None)
+        if cached is None or cached[0] != key:
+            schedule = self.modules["teacher"].schedule
+            self._snr_grid = cached = (key, schedule.log_snr(torch.arange(schedule.T), like).double().cpu())
+        logit = o.renoise_mean + o.renoise_scale * torch.randn(like.shape[0], device="cpu", dtype=torch.float64)
+        wanted = -2 * logit  # log((1 - σ)² / σ²) for σ = sigmoid(logit)
+        return (cached[1][None, :] - wanted[:, None]).abs().argmin(dim=1).to(like.device)
 
     def _student_step(self, b: dict) -> Tensor:
         x0, eps = self.modules["student"](b["x_t"], b["t"], b["cond"])

@@ -75,6 +75,9 @@ class FluxDenoiser(TransformerDenoiser):
         out = self.transformer(**self._inputs(x, t, cond), return_dict=False)[0]
         return unpack(out, *x.shape[-2:]).to(x.dtype)
 
+    def token_grid(self, x: Tensor) -> tuple[int, int]:
+        return x.shape[-2] // 2, x.shape[-1] // 2  # 2x2 packed latents
+
     def token_maps(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], after: list[int],
                    checkpoint: bool = False) -> list[Tensor]:
         net = self.transformer
@@ -93,7 +96,7 @@ class FluxDenoiser(TransformerDenoiser):
         for i, block in enumerate(list(net.transformer_blocks)[: max(after)], start=1):
             text, hidden = self.run_block(block, checkpoint, hidden, text, temb, rotary)
             if i in after:
-                maps.append(hidden.transpose(1, 2).reshape(B, -1, H // 2, W // 2))
+                maps.append(hidden.transpose(1, 2).reshape(B, -1, *self.token_grid(x)))
         return maps
 
 

@@ -25,6 +25,10 @@ class SD3Denoiser(TransformerDenoiser):
     def in_channels(self) -> int:
         return int(self.transformer.config.in_channels)
 
+    def token_grid(self, x: Tensor) -> tuple[int, int]:
+        p = self.transformer.config.patch_size
+        return x.shape[-2] // p, x.shape[-1] // p
+
     def pooled(self, cond: dict[str, Tensor], like: Tensor) -> Tensor:
         """``cond["pooled"]``; zeros for a codec without pooled embeddings (the tiny world's MiniLM)."""
         pooled = cond.get("pooled")
@@ -54,7 +58,7 @@ class SD3Denoiser(TransformerDenoiser):
         for i, block in enumerate(list(net.transformer_blocks)[: max(after)], start=1):
             text, hidden = self.run_block(block, checkpoint, hidden, text, temb)
             if i in after:
-                maps.append(hidden.transpose(1, 2).reshape(B, -1, h // p, w // p))
+                maps.append(hidden.transpose(1, 2).reshape(B, -1, *self.token_grid(x)))
         return maps
 
 

@@ -138,6 +138,9 @@ class UNetEncoder(nn.Module):
         """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
         frozen: bool = False
         """Use the frozen teacher's encoder itself (its weights must be whole on each device: one device or DDP)."""
+        levels: list[int] | None = None
+        """For multi-level discriminators: the feature maps ``features`` returns, after down block 1 to n
+        (counted from 1) and n + 1 for the mid block. None: every down block's and the mid block's."""
 
     def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
         super().__init__()
@@ -150,6 +153,18 @@ class UNetEncoder(nn.Module):
         self.schedule = teacher.schedule
         self.frozen = config.frozen
         self.out_channels = unet.config.block_out_channels[-1]
+        n = len(unet.config.block_out_channels)
+        self.levels = sorted(set(config.levels)) if config.levels else list(range(1, n + 2))
+        if any(not 1 <= lv <= n + 1 for lv in self.levels):
+            raise UserError(f"method.discriminator.backbone.levels: each in 1 to {n + 1} (the UNet has {n} down blocks, "
+                            f"then the mid block), got {config.levels}")
+        self.level_channels = [unet.config.block_out_channels[min(lv, n) - 1] for lv in self.levels]
+        """Channels of each map ``features`` returns."""
+        c = unet.config
+        self.conditioning_dims = {"text": int(c.cross_attention_dim)}
+        """Conditioning entries (and widths) a multi-level discriminator's heads may read."""
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text beside six time ids
+            self.conditioning_dims["pooled"] = int(c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)
         if config.frozen:  # held outside the module tree: not in this module's parameters or state dict
             self._teacher_unet = (unet,)
             return
@@ -160,10 +175,18 @@ class UNetEncoder(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         if name in UNetEncoder.PARTS and self.__dict__.get("frozen"):
-            return getattr(self.__dict__["_teacher_unet"][0], name)
+            return getattr(self.__dict__["_teacher_unet"][0], name, None)  # parts a UNet may lack: None, as copied
         return super().__getattr__(name)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self._encode(x, t, cond, [])[0]
+
+    def features(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> list[Tensor]:
+        """The feature maps after each of ``levels`` (the encoder's resolutions, then the mid block)."""
+        mid, maps = self._encode(x, t, cond, self.levels)
+        return maps + ([mid] if len(self.down_blocks) + 1 in self.levels else [])
+
+    def _encode(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], levels: list[int]) -> tuple[Tensor, list[Tensor]]:
         dtype = self.conv_in.weight.dtype
         x = x.to(dtype)
         text = cond["text"].to(dtype)
@@ -173,9 +196,12 @@ class UNetEncoder(nn.Module):
             time_embeds = self.add_time_proj(cond["time_ids"].flatten()).reshape(x.shape[0], -1)
             emb = emb + self.add_embedding(torch.cat([cond["pooled"], time_embeds], dim=-1).to(dtype))
         h = self.conv_in(x)
-        for block in self.down_blocks:
+        maps = []
+        for i, block in enumerate(self.down_blocks, start=1):
             h = self._run(self._down, block, h, emb, text)
-        return self._run(self._mid, self.mid_block, h, emb, text)
+            if i in levels:
+                maps.append(h)
+        return self._run(self._mid, self.mid_block, h, emb, text), maps
 
     def _run(self, fn: Any, block: nn.Module, h: Tensor, emb: Tensor, text: Tensor) -> Tensor:
         if self.checkpointing and torch.is_grad_enabled():

@@ -125,10 +125,22 @@ class ToyBackbone(nn.Module):
         self.net = copy.deepcopy(net).requires_grad_(True)
         del self.net.norm_out, self.net.conv_out
         self.out_channels = net.config.channels
+        self.conditioning_dims = {"pooled": net.config.text_dim}
+        """Conditioning entries (and widths) a multi-level discriminator's heads may read."""
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        return self.features(x, t, cond)[-1]
+
+    @property
+    def level_channels(self) -> list[int]:
+        """Channels of each feature map ``features`` returns: one per block."""
+        return [self.out_channels] * len(self.net.blocks)
+
+    def features(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> list[Tensor]:
         emb = self.net.embed(t, cond)
         h = self.net.conv_in(x)
+        maps = []
         for block in self.net.blocks:
             h = block(h, emb)
-        return h
+            maps.append(h)
+        return maps

@@ -146,8 +146,9 @@ def test_every_registered_loss(name):
         good, bad = torch.full((4,), 3.0), torch.full((4,), -3.0)
         # a discriminator that tells real (high) from fake (low) is rewarded; a fooled one is not
         assert loss.discriminator_loss(good, bad) < loss.discriminator_loss(bad, good)
-        assert loss.generator_loss(good) < loss.generator_loss(bad)  # the generator wants high fake logits
-        out = loss.discriminator_loss(a, a.flip(0)) + loss.generator_loss(a)
+        real = torch.zeros(4)  # relativistic losses judge each fake against its real sample's logit
+        assert loss.generator_loss(good, real) < loss.generator_loss(bad, real)  # the generator wants high fake logits
+        out = loss.discriminator_loss(a, a.flip(0)) + loss.generator_loss(a, real)
     else:
         out = loss(a, torch.zeros(4))
         assert loss(torch.zeros(4), torch.zeros(4)) == 0

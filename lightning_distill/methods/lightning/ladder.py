@@ -36,6 +36,10 @@ class LadderOptions:
     renoise_distribution: str = "discrete"
     renoise_mean: float = 0.0
     renoise_scale: float = 1.0
+    adversarial_loss: Spec | None = None
+    """The phase's adversarial loss (None: the method's)."""
+    regularizers: tuple[Spec, ...] | None = None
+    """The phase's discriminator regularisers (None: the method's)."""
 
     @property
     def renoises(self) -> bool:
@@ -87,6 +91,11 @@ class PhaseConfig:
     signal-to-noise ratio (log-SNR = -2 (mean + scale·z)); a positive mean favours high noise."""
     renoise_mean: float = 0.0
     renoise_scale: NonNegativeFloat = 1.0
+    adversarial_loss: component("loss") | None = None  # type: ignore[valid-type]
+    """adversarial: this phase's objective instead of ``method.adversarial_loss`` (e.g. to compare objectives
+    from one start in one recipe)."""
+    regularizers: list[component("regularizer")] | None = None  # type: ignore[valid-type]
+    """adversarial: this phase's discriminator regularisers instead of ``method.regularizers`` ([]: none)."""
     name: str | None = None
     """Defaults to ``{stage}-{kind}`` (``-cond``/``-uncond`` for adversarial, ``-lora`` for LoRA)."""
 
@@ -177,6 +186,8 @@ class Ladder:
                 optimizers = {"student": student}
                 if p.kind != "adversarial" and (p.discriminator_warmup or p.student_every > 1):
                     raise UserError(f"{where}: discriminator_warmup and student_every apply to adversarial phases only")
+                if p.kind != "adversarial" and (p.adversarial_loss is not None or p.regularizers is not None):
+                    raise UserError(f"{where}: adversarial_loss and regularizers apply to adversarial phases only")
                 steps = max(1, round(p.steps * self.config.steps_scale))
                 if p.kind == "adversarial":
                     warmup = round(p.discriminator_warmup * self.config.steps_scale)  # scaled with the phase
@@ -208,6 +219,8 @@ class Ladder:
                     renoise_distribution=p.renoise_distribution,
                     renoise_mean=p.renoise_mean,
                     renoise_scale=p.renoise_scale,
+                    adversarial_loss=p.adversarial_loss,
+                    regularizers=tuple(p.regularizers) if p.regularizers is not None else None,
                 )
                 specs.append((p.name or f"{stage.name}-{suffix}", stage.name, p.kind, steps, optimizers, options))
             seen.append(stage.name)

@@ -126,10 +126,13 @@ class ProgressiveDistillation(Method):
         def adversarial(loss: object) -> bool:  # the loss contract: adversarial losses set adversarial = True
             return bool(getattr(loss, "adversarial", False))
 
-        if not adversarial(LOSSES.get(config.adversarial_loss.name)):
-            names = ", ".join(n for n, loss in LOSSES.items() if adversarial(loss))
-            raise UserError(f"method.adversarial_loss: {config.adversarial_loss.name!r} is not an adversarial loss; "
-                            f"choose one of {names}")
+        chosen = [("method.adversarial_loss", config.adversarial_loss)] + [
+            (f"schedule: phase {p.name!r} adversarial_loss", p.options.adversarial_loss)
+            for p in phases if getattr(p.options, "adversarial_loss", None) is not None]
+        for where, spec in chosen:
+            if not adversarial(LOSSES.get(spec.name)):
+                names = ", ".join(n for n, loss in LOSSES.items() if adversarial(loss))
+                raise UserError(f"{where}: {spec.name!r} is not an adversarial loss; choose one of {names}")
 
     # -- phases -------------------------------------------------------------------------------------------
     def _last_phase_of(self, stage: str) -> Phase:
@@ -160,6 +163,10 @@ class ProgressiveDistillation(Method):
             start = earlier[-1].index
         if start is not None and not empty:  # (or, first in a branch, from the branch point's student)
             student.load_state_dict(strip_prefix(artifacts(start), "student."))
+        o = phase.options
+        self.adversarial = (o.adversarial_loss or c.adversarial_loss).build()  # the phase's objective, or the method's
+        regularizers = o.regularizers if o.regularizers is not None else c.regularizers
+        self.regularizers = [(spec.name, spec.build()) for spec in regularizers]
         adapter = phase.options.adapter.build()
         adapter.apply(student.net)
         self.adapter = adapter

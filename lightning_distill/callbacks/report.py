@@ -83,10 +83,13 @@ class Report(Callback):
 
         row = {"phase": phase.name, "d_accuracy_warmup": mean(sums[0], sums[1]), "d_accuracy_end": mean(sums[2], sums[3]),
                "student_teacher_gap": mean(sums[4], sums[5])}
+        path = self.out_dir / "instruments.json"
+        if path.is_file():  # earlier phases, also those of the run before a resume (callback state is per phase)
+            self.rows = [r for r in json.loads(path.read_text())["phases"] if r["phase"] not in {x["phase"] for x in self.rows}] + self.rows
         self.rows = [r for r in self.rows if r["phase"] != phase.name] + [row]
         if fabric.is_global_zero:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.out_dir / "instruments.json", json.dumps({"phases": self.rows}, indent=2))
+            write_atomically(path, json.dumps({"phases": self.rows}, indent=2))
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "phase": self._phase, "sums": self._sums.tolist()}

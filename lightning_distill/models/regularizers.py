@@ -36,9 +36,13 @@ def regularizer_due(disc_step: int, every: int) -> bool:
 
 def gradient_penalty(d: Discriminate, x: Tensor) -> Tensor:
     """``mean_i ‖∇_x Σ D(x)_i‖²``: the squared norm of D's gradient at each input, averaged over the batch. The graph
-    is kept (``create_graph``) so that the penalty trains D (a double backward)."""
+    is kept (``create_graph``) so that the penalty trains D (a double backward, through the math attention kernel:
+    the fused ones have no second derivative)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    # fused attention kernels (flash, memory-efficient) have no second derivative: the math one has
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         logits = d(x)
         (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     return grad.float().square().flatten(1).sum(1).mean()

@@ -11,8 +11,8 @@ from support import ROOT
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_the_three_ablations():
-    assert {p.stem for p in NOTEBOOKS} == {"adversarial_vs_mse", "conditional_vs_unconditional", "lora_vs_full"}
+def test_there_are_the_four_ablations():
+    assert {p.stem for p in NOTEBOOKS} == {"adversarial_vs_mse", "conditional_vs_unconditional", "lora_vs_full", "objectives"}
 
 
 @pytest.mark.slow

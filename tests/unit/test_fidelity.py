@@ -189,3 +189,35 @@ def test_diversity_per_prompt_is_one_on_real_scenes_low_on_collapse_and_on_blurr
     # a prompt that names everything has nothing open: skipped; none open at all is an error
     with pytest.raises(UserError, match="leaves an attribute open"):
         per_prompt_diversity(draws, attributes, torch.ones_like(mentioned), pool)
+
+
+def test_instruments_average_their_windows_and_survive_a_resume(tmp_path):
+    """The report's per-phase instruments: D accuracy over the last fifth of the warm-up and of the phase, the
+    student's gap over the last fifth; rows of phases finished before a resume are kept."""
+    import json
+
+    from lightning_distill.callbacks.report import Report, instrument_windows
+    from lightning_distill.eval.evaluate import EvalConfig
+
+    phase = _phases("schedule.stages.1.phases.0.steps=20", "schedule.stages.1.phases.0.discriminator_warmup=10")[1]
+    warm, end = instrument_windows(phase)
+    assert (warm, end) == (range(8, 10), range(16, 20))
+    fabric = type("F", (), {"world_size": 1, "is_global_zero": True})()
+    report = Report(EvalConfig(), out_dir=tmp_path)
+    report.on_phase_start(phase=phase)
+    for i in range(phase.steps):
+        logs = {"d/accuracy": torch.tensor(i / 100)}
+        if i >= 10:
+            logs["mse_to_teacher"] = torch.tensor(float(i))
+        report.on_step_end(phase=phase, step=phase.start + i + 1, logs=logs)
+    report.on_phase_result(fabric=fabric, phase=phase)
+    row = json.loads((tmp_path / "instruments.json").read_text())["phases"][0]
+    assert row == {"phase": phase.name, "d_accuracy_warmup": pytest.approx(0.085), "d_accuracy_end": pytest.approx(0.175),
+                   "student_teacher_gap": pytest.approx(17.5)}
+    resumed = Report(EvalConfig(), out_dir=tmp_path)  # a new process: its state starts empty
+    later = _phases("schedule.stages.1.phases.0.steps=20")[2]
+    resumed.on_phase_start(phase=later)
+    resumed.on_step_end(phase=later, step=later.start + 1, logs={"d/accuracy": torch.tensor(1.0)})
+    resumed.on_phase_result(fabric=fabric, phase=later)
+    rows = json.loads((tmp_path / "instruments.json").read_text())["phases"]
+    assert [r["phase"] for r in rows] == [phase.name, later.name]

@@ -4,7 +4,7 @@ Trains ``recipes/tiny/probes/discriminator.yaml`` (one 8-step MSE student, then 
 discriminator alone against it) and prints, per probe, the discriminator's accuracy (``d/accuracy``: 0.5 is
 chance) and loss early, midway and late. A finished run folder is only read again.
 
-    python benchmarks/discriminator_probe.py [--out runs/tiny-probe] [KEY=VALUE ...]
+    python benchmarks/discriminator_probe.py [--recipe recipes/tiny/probes/discriminator_flow.yaml] [--out DIR] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ def windows(values: list[tuple[int, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(RECIPE), help="a probe recipe (recipes/tiny/probes/)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tiny-probe"))
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(RECIPE), "--out", args.out,
+    done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", args.recipe, "--out", args.out,
                            *args.overrides], cwd=ROOT)
     if done.returncode:
         sys.exit(done.returncode)
@@ -48,7 +49,9 @@ def main() -> None:
         loss = windows([(e.step, e.value) for e in events.Scalars(f"{phase}/loss/discriminator")])
         rows.append({"probe": phase, **{f"accuracy {k}": v for k, v in accuracy.items()},
                      **{f"D loss {k}": v for k, v in loss.items()}})
-    command = " ".join(["python benchmarks/discriminator_probe.py", *args.overrides])
+    recipe = Path(args.recipe).resolve()
+    which = [] if recipe == RECIPE else ["--recipe", str(recipe.relative_to(ROOT))]
+    command = " ".join(["python benchmarks/discriminator_probe.py", *which, *(f"'{o}'" for o in args.overrides)])
     import torch
 
     record("Discriminator probe (tiny world, D alone against a frozen student)", command,

@@ -22,7 +22,9 @@ from common import RESULTS, device_name, record
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny" / "lightning.yaml"
-METRICS = ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity", "coverage")
+METRICS = ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity", "diversity_per_prompt",
+           "coverage")
+INSTRUMENTS = ("d_accuracy_warmup", "d_accuracy_end", "student_teacher_gap")
 
 
 def summarise(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> list[dict[str, object]]:
@@ -34,7 +36,7 @@ def summarise(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> list[dict
     for (model, steps), group in groups.items():
         row: dict[str, object] = {"model": model, "steps": steps, "seeds": len(group)}
         for m in metrics:
-            values = [float(r[m]) for r in group if m in r]
+            values = [float(r[m]) for r in group if r.get(m) is not None]
             if values:
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 row[m] = f"{statistics.fmean(values):.3f} ± {sd:.3f}"
@@ -51,7 +53,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    results = []
+    results, discriminator = [], []
     for seed in args.seeds:
         out = Path(args.out) / f"seed-{seed}"
         if not (out / "metrics.json").is_file():
@@ -59,15 +61,24 @@ def main() -> None:
                                    f"seed={seed}", *args.overrides], cwd=ROOT)
             if done.returncode:
                 sys.exit(done.returncode)
-        results += [{**r, "seed": seed} for r in json.loads((out / "metrics.json").read_text())["results"]]
+        tree = json.loads((out / "metrics.json").read_text())
+        results += [{**r, "seed": seed} for r in tree["results"]]
+        discriminator += [{**r, "seed": seed} for r in tree.get("discriminator", [])]
     recipe = Path(args.recipe).resolve()
     named = [] if recipe == RECIPE else ["--recipe", str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)]
     command = " ".join(["python benchmarks/fidelity.py", *named, "--seeds", *map(str, args.seeds), *args.overrides])
-    Path(args.json).write_text(json.dumps({"command": command, "seeds": args.seeds, "results": results}, indent=1))
+    Path(args.json).write_text(json.dumps({"command": command, "seeds": args.seeds, "results": results,
+                                           "discriminator": discriminator}, indent=1))
     import torch
 
     record(f"Fidelity in miniature: both ladders of {recipe.name} over seeds {args.seeds} (mean ± sd)", command,
            device_name(torch.device("cpu")), summarise(results), None if args.no_record else RESULTS)
+    if discriminator:  # per adversarial phase: does the discriminator leave chance?
+        by_phase = [{"model": r["phase"], "steps": "", **r} for r in discriminator]
+        table = [{"phase": r["model"], **{k: v for k, v in r.items() if k not in ("model", "steps")}}
+                 for r in summarise(by_phase, INSTRUMENTS)]
+        record(f"Discriminators of {recipe.name} over seeds {args.seeds} (mean ± sd)", command,
+               device_name(torch.device("cpu")), table, None if args.no_record else RESULTS)
 
 
 if __name__ == "__main__":

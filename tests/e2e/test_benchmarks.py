@@ -86,6 +86,10 @@ def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
     mean, sd = table[("mse", 1)]["fd"].split(" ± ")
     assert abs(float(mean) - sum(fd) / 2) < 1e-3 and abs(float(sd) - abs(fd[0] - fd[1]) / 2**0.5) < 1e-3
     assert "| model | steps | seeds | fd |" in done.stdout
+    # the discriminator's instruments of every adversarial phase, per seed, and their table
+    phases = {(d["phase"], d["seed"]) for d in tree["discriminator"]}
+    assert ("l1-cond", 0) in phases and ("a1-uncond", 1) in phases and len(phases) == 20
+    assert "| phase | seeds | d_accuracy_warmup | d_accuracy_end | student_teacher_gap |" in done.stdout
 
 
 @pytest.mark.slow

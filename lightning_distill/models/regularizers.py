@@ -65,29 +65,28 @@ class Regularizer:
         raise NotImplementedError
 
 
+class GradientPenalty(Regularizer):
+    """Zero-centred gradient penalty ``‖∇_x D(x)‖²`` on the inputs named by ``on``."""
+
+    on = "real"
+
+    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return gradient_penalty(d, real if self.on == "real" else fake)
+
+
 @REGULARIZERS.register("r1")
-class R1(Regularizer):
+class R1(GradientPenalty):
     """Zero-centred gradient penalty on real inputs (Mescheder et al. 2018): ``‖∇_x D(x_real)‖²``. Keeps D from
     growing steep around the teacher's samples. Needs a double backward (a trainable backbone, one device or DDP)."""
 
-    @dataclass(kw_only=True)
-    class Config(Regularizer.Config):
-        pass
-
-    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-        return gradient_penalty(d, real)
+    on = "real"
 
 
 @REGULARIZERS.register("r2")
-class R2(Regularizer):
+class R2(GradientPenalty):
     """Zero-centred gradient penalty on fake inputs: ``‖∇_x D(x_fake)‖²`` (R3GAN pairs it with R1 and RpGAN)."""
 
-    @dataclass(kw_only=True)
-    class Config(Regularizer.Config):
-        pass
-
-    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-        return gradient_penalty(d, fake)
+    on = "fake"
 
 
 @REGULARIZERS.register("approx_r1")

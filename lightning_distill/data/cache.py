@@ -1,7 +1,7 @@
 """Cached encodings: every sample encoded once (VAE latents, text embeddings) into safetensors shards.
 
-``lightning-distill cache RECIPE --out DIR`` writes ``DIR/shard-NNNNN.safetensors`` (rows ``latents`` and what
-the codec's conditioning holds, e.g. ``text``, ``pooled``, ``time_ids``) and ``DIR/manifest.json``; a shard is
+``lightning-distill cache RECIPE --out DIR`` writes ``DIR/shard-NNNNN.safetensors`` (rows ``latents`` and every
+entry the codec's conditioning holds, e.g. ``text``, ``pooled``, ``time_ids``, a mask) and ``DIR/manifest.json``; a shard is
 written under a temporary name and renamed, so a second run skips the finished shards and resumes the rest.
 A sample whose image fails to decode is left out and counted (each shard's metadata names those it left out,
 so a resumed cache reports them too); no sample is stored twice. Training reads it with ``data: {name: cached,
@@ -27,12 +27,10 @@ from lightning_distill.utils.files import publish, write_atomically
 from lightning_distill.errors import UserError
 from lightning_distill.config.registry import DATA
 
-FIELDS = ("latents", "text", "pooled", "time_ids")
-
-
 @DATA.register("cached")
 class Cached(Dataset):
-    """Rows of a cache written by ``lightning-distill cache``: ``latents`` and conditioning, ready to train."""
+    """Rows of a cache written by ``lightning-distill cache``: ``latents`` and every conditioning entry the codec
+    gave when caching, ready to train."""
 
     @dataclass(kw_only=True)
     class Config:
@@ -52,6 +50,27 @@ class Cached(Dataset):
         if not self.index:
             raise UserError(f"data.root: the cache in {self.root} is empty")
         self._open: dict[str, Any] = {}
+        keys = self.manifest.get("keys")
+        if keys is None:  # a cache written before manifests listed their keys: the first shard's
+            first = next(s["file"] for s in self.manifest["shards"] if s["count"])
+            with safe_open(str(self.root / first), framework="pt") as f:
+                keys = sorted(f.keys())
+        self.keys: list[str] = list(keys)
+        """The entries of each row: ``latents`` and the conditioning the codec gave."""
+
+    def check_codec(self, codec: Any, device: Any = "cpu") -> None:
+        """The recipe's codec must not give conditioning the cache lacks (its network takes every entry)."""
+        if not getattr(codec, "has_text", False):
+            return
+        shape = self[0]["latents"].shape
+        f = getattr(codec, "scale_factor", 1)
+        with torch.no_grad():
+            wanted = set(codec.caption_conditioning([""], f * shape[-2], f * shape[-1], device))
+        missing = sorted(wanted - set(self.keys))
+        if missing:
+            raise UserError(f"data.root: the cache in {self.root} lacks {', '.join(missing)}, which codec "
+                            f"{type(codec).__name__} gives and the network takes; it holds {', '.join(self.keys)}. "
+                            "Cache the data again with this recipe's codec (lightning-distill cache)")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -61,7 +80,7 @@ class Cached(Dataset):
         if file not in self._open:  # opened lazily, per process (loader workers each open their own)
             self._open[file] = safe_open(str(self.root / file), framework="pt")
         f = self._open[file]
-        return {k: f.get_slice(k)[row] for k in FIELDS if k in f.keys()}
+        return {k: f.get_slice(k)[row] for k in self.keys}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": {}}
@@ -132,7 +151,7 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
                 with torch.no_grad():
                     rows.setdefault("latents", []).append(codec.encode(pixels).cpu())
                     cond = codec.caption_conditioning(list(batch["caption"]), *pixels.shape[-2:], device, time_ids)
-                for k, v in cond.items():  # what the family's network takes: text, pooled, time_ids
+                for k, v in cond.items():  # everything the family's network takes: text, pooled, time_ids, ...
                     rows.setdefault(k, []).append(v.cpu())
             tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
             tmp = out / f".tmp-{name}"
@@ -144,7 +163,12 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
         if created:  # leave no trace of a cache that holds nothing
             shutil.rmtree(out, ignore_errors=True)
         raise UserError(f"no sample of the data could be decoded ({report}); nothing was cached")
-    manifest = {"complete": True, "total": sum(s["count"] for s in shards), "shards": shards,
+    keys: set[str] = set()
+    for shard in shards:
+        if shard["count"]:
+            with safe_open(str(out / shard["file"]), framework="pt") as f:
+                keys |= set(f.keys())
+    manifest = {"complete": True, "total": sum(s["count"] for s in shards), "shards": shards, "keys": sorted(keys),
                 "codec": recipe.codec.to_dict(), "data": recipe.data.to_dict(), "skipped": report}
     write_atomically(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

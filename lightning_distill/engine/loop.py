@@ -26,7 +26,8 @@ def fit(
 ) -> dict[str, float]:
     """Run every phase of the recipe's schedule, resuming from the newest checkpoint in ``out_dir``.
 
-    ``on_start`` runs once the data source opened, before any model loads. Returns the last logged metrics.
+    ``on_start`` runs once the data source and the codec opened, before any model loads. Returns the last logged
+    metrics.
     """
     cfg = recipe.train
     phases: list[Phase] = recipe.schedule.build().phases()
@@ -50,12 +51,14 @@ def fit(
     dataset = recipe.data.build(seed=recipe.seed)
     # decoded before anything is written: data none of which decodes stops the run with the folder as it was
     preview_batch = fabric.to_device(default_collate([dataset[i] for i in range(min(cfg.batch_size, len(dataset)))]))
+    codec = fabric.to_device(recipe.codec.build().eval().requires_grad_(False))
+    if hasattr(dataset, "check_codec"):  # cached encodings must hold all the codec gives, before anything is written
+        dataset.check_codec(codec, fabric.device)
     on_start()
     loader = make_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=recipe.seed, fabric=fabric)
     if resume:
         loader.load_state_dict(ckpts.load_rank_state(resume)["loader"])
     batches = iter(loader)
-    codec = fabric.to_device(recipe.codec.build().eval().requires_grad_(False))
     method: Method = recipe.method.build(phases=phases, codec=codec, seed=recipe.seed)
     metrics: dict[str, float] = {}
 

@@ -224,7 +224,9 @@ class _Spec:
         return self.d
 
 
-def _cache_recipe(dataset):
+def _cache_codec(extra: bool = False):
+    """A codec whose conditioning is text, pooled and time_ids, and with ``extra`` an attention mask and size
+    inputs as well, each row telling its caption apart."""
     from lightning_distill.codecs.base import Codec as CodecBase
 
     class Codec(CodecBase):
@@ -235,12 +237,24 @@ def _cache_recipe(dataset):
 
         def caption_conditioning(self, captions, height, width, device, time_ids=None):
             n = len(captions)
-            return {"text": torch.zeros(n, 2, 3), "pooled": torch.zeros(n, 3), "time_ids": time_ids}
+            length = torch.tensor([float(len(c)) for c in captions])
+            cond = {"text": length[:, None, None].expand(n, 2, 3).clone(), "pooled": torch.zeros(n, 3),
+                    "time_ids": time_ids if time_ids is not None else torch.zeros(n, 6)}
+            if extra:
+                cond["mask"] = (torch.arange(4)[None] < length[:, None] % 4 + 1).long()
+                cond["sizes"] = torch.tensor([[float(height), float(width)]]).expand(n, 2).clone()
+            return cond
+
+    return Codec()
+
+
+def _cache_recipe(dataset, with_codec=None):
+    chosen = with_codec or _cache_codec()
 
     class Recipe:
         seed = 0
         data = _Spec(dataset, {"name": "image_folder"})
-        codec = _Spec(Codec(), {"name": "test"})
+        codec = _Spec(chosen, {"name": "test"})
         train = type("T", (), {"batch_size": 2})
 
     return Recipe
@@ -356,3 +370,32 @@ def test_a_cache_of_nothing_decodable_is_an_error_that_leaves_no_folder(samples,
     with pytest.raises(UserError, match="no sample of the data could be decoded.*a.png"):
         build_cache(_cache_recipe(_make("image_folder", root=str(folder), resolution=16)), out, shard_size=4)
     assert not out.exists()
+
+
+def test_the_cache_keeps_every_key_the_codec_gives_and_refuses_a_codec_it_lacks(samples, tmp_path):
+    """A codec that also gives a mask and size inputs: the cache stores them and the cached data set gives them back
+    row for row; a cache made without them is refused, naming the keys, when the recipe's codec gives them."""
+    from torch.utils.data import default_collate
+
+    from lightning_distill.codecs.base import batch_conditioning
+    from lightning_distill.data.cache import Cached, build_cache
+
+    dataset = _make("image_folder", root=str(samples["folder"]), resolution=16)
+    codec = _cache_codec(extra=True)
+    out = tmp_path / "cache"
+    manifest = build_cache(_cache_recipe(dataset, codec), out, shard_size=4)
+    assert manifest["keys"] == ["latents", "mask", "pooled", "sizes", "text", "time_ids"]
+    cached = Cached(Cached.Config(root=str(out)))
+    cached.check_codec(codec)  # it holds all the codec gives
+    for i in range(len(cached)):
+        row, item = cached[i], dataset[i]
+        assert set(row) == set(manifest["keys"])
+        expected = codec.caption_conditioning([item["caption"]], 16, 16, "cpu", item["time_ids"][None])
+        for key, value in expected.items():
+            assert torch.equal(row[key], value[0]), key
+    cond = batch_conditioning(default_collate([cached[0], cached[1]]), codec)
+    assert {"mask", "sizes", "text", "pooled", "time_ids"} <= set(cond)  # what the network is given
+    plain = tmp_path / "plain"
+    build_cache(_cache_recipe(_make("image_folder", root=str(samples["folder"]), resolution=16)), plain, shard_size=4)
+    with pytest.raises(UserError, match="lacks mask, sizes"):
+        Cached(Cached.Config(root=str(plain))).check_codec(codec)

@@ -26,6 +26,7 @@ def test_fsdp2_checkpoint_loads_into_fresh_modules_exactly(tmp_path):
     assert r["missing"] == [] and r["equal"] == r["keys"], r
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the default run stays under 15 minutes
 def test_fsdp2_sigkill_and_resume_matches_an_uninterrupted_run(cli, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *FSDP2, *KILLABLE).returncode == 0
@@ -53,6 +54,7 @@ def test_ddp_two_processes_each_draw_their_own_noise(cli, tmp_path):
 
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the default run stays under 15 minutes
 def test_fsdp2_teacher_offload_and_meta_init_change_no_number(cli, tmp_path):
     """Offloading the teacher, and building on the meta device everywhere but rank 0 (a LoRA phase too), give
     the very weights of the plain FSDP2 run."""

@@ -60,6 +60,7 @@ def test_loop_overhead_and_data_benchmarks_run(tmp_path):
     assert text.count("### ") == 2 and "Loop overhead" in text and "Cached-latent loading" in text
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the default run stays under 15 minutes
 def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
     """Two seeds of a very short main job: fidelity.json holds each report row with its seed; the table gives the
     mean and sd over seeds."""

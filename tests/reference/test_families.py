@@ -360,6 +360,7 @@ def test_multilevel_discriminator_on_frozen_transformer_features(family, sd3, fl
     assert torch.allclose(hooked[0], direct[0], atol=1e-6)
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the default run stays under 15 minutes
 def test_multilevel_discriminator_under_fsdp2_equals_one_process(tiny_sd3, tmp_path):
     """The frozen-feature multi-level discriminator on a teacher sharded by FSDP2 over 2 processes: its logits and
     the latents' gradient equal those of the unsharded modules in one process."""

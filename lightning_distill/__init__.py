@@ -28,5 +28,18 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS", "BACKBONES", "CALLBACKS", "CODECS", "DATA", "DISCRIMINATORS", "FEATURES", "HEADS", "LOSSES", "METHODS", "METRICS",
     "OPTIMIZERS", "REGISTRIES", "REGULARIZERS", "SCHEDULES", "STUDENTS", "TEACHERS",
-    "Method", "OptimizerSettings", "Phase", "RecipeError", "Spec", "UserError", "component",
+    "Method", "OptimizerSettings", "Phase", "RecipeError", "SamplerTeacher", "Spec", "TransformerDenoiser",
+    "TransformerTeacher", "UserError", "component",
 ]
+
+_LAZY = {"SamplerTeacher": "lightning_distill.models.teacher", "TransformerDenoiser": "lightning_distill.models.transformer",
+         "TransformerTeacher": "lightning_distill.models.transformer"}
+"""Bases a family plugin subclasses, imported on first use (they import diffusers)."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_distill' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,9 @@ class PretrainedTeacherConfig:
     """Weights of the frozen teacher (bfloat16 halves its memory)."""
     noise_schedule: component("noise_schedule") | None = None  # type: ignore[valid-type]
     """None: the folder's ``scheduler/`` config, else the family's default."""
+    prediction: Literal["epsilon", "sample", "v_prediction"] | None = None
+    """On a discrete schedule: what the network predicts (None: the scheduler config's prediction_type, else
+    epsilon). Flow-matching networks predict ``flow`` and ignore it."""
 
 
 def load_network(cls: Any, config: PretrainedTeacherConfig, empty: bool = False) -> nn.Module:
@@ -61,6 +64,18 @@ def load_network(cls: Any, config: PretrainedTeacherConfig, empty: bool = False)
         return cls.from_config(network_config(cls, config.pretrained, config.subfolder)).to(DTYPES[config.dtype])
     return load_pretrained(cls, config.pretrained, config.subfolder, variant=config.variant,
                            torch_dtype=DTYPES[config.dtype])
+
+
+def lightning_scheduler(config: Any, prediction: str) -> Any:
+    """Euler on the discrete schedule with trailing spacing and a last sigma of zero, whatever the base config
+    says otherwise: the sampling our ``sample_latents`` reproduces."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(
+        config, timestep_spacing="trailing", prediction_type=prediction, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero",
+        rescale_betas_zero_snr=False, interpolation_type="linear",
+    )
 
 
 @dataclass(frozen=True)
@@ -113,7 +128,9 @@ class SamplerTeacher(nn.Module):
 
     def sampling_scheduler(self, prediction: str) -> Any:
         """The diffusers scheduler that samples this network's students (export writes its config)."""
-        raise UserError(f"{type(self).__name__} has no diffusers scheduler; export needs a diffusers teacher (sdxl, unet)")
+        raise UserError(f"{type(self).__name__} has no diffusers scheduler; export needs a teacher that implements "
+                        "sampling_scheduler(prediction) (returning the diffusers scheduler that samples its students), "
+                        "as the sdxl, unet, sd15, sd3 and flux teachers do")
 
     def train(self, mode: bool = True) -> SamplerTeacher:
         return super().train(False)  # frozen: dropout and norms stay in eval mode

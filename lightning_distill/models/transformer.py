@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from lightning_distill.config.registry import BACKBONES
 from lightning_distill.errors import UserError
-from lightning_distill.models.noise import FlowMatchConfig, FlowMatchSchedule, Schedule, schedule_from_pretrained
+from lightning_distill.models.noise import (FlowMatchConfig, FlowMatchSchedule, NoiseSchedule, NoiseScheduleConfig,
+                                           Schedule, schedule_from_pretrained)
 from lightning_distill.models.teacher import PretrainedSource, PretrainedTeacherConfig, SamplerTeacher, load_network
 from lightning_distill.utils.tensors import DTYPES, Dtype
 
@@ -49,8 +50,43 @@ class TransformerDenoiser(nn.Module):
         """The diffusers network, as ``export`` saves it."""
         return self.transformer
 
+    output_layers: tuple[str, ...] = ("norm_out", "proj_out")
+    """The network's attributes after its blocks (output norm, modulation, projection): a discriminator trunk
+    drops them, so that it keeps no parameter that never gets a gradient (DDP stops on those)."""
+
+    text_output_layers: tuple[str, ...] = ("attn.to_add_out", "ff_context")
+    """Layers of a joint block (paths inside it) that only make its text tokens for the next block: in a trunk's
+    last block they feed nothing the discriminator reads, so the trunk drops them (diffusers' SD3 and Flux joint
+    blocks: the text stream's attention output projection and feed-forward)."""
+
     def block_lists(self) -> list[nn.ModuleList]:
+        """The network's block lists, the joint (token map) blocks first: what FSDP2 shards and a trunk cuts."""
         return [self.transformer.transformer_blocks]
+
+    def trunk_block_limit(self) -> int:
+        """How many of the first joint blocks a discriminator trunk may keep (each must give image tokens on)."""
+        return len(self.block_lists()[0])
+
+    def discriminator_trunk(self, blocks: int) -> TransformerDenoiser:
+        """A copy of this denoiser cut after its first ``blocks`` joint blocks, for the ``transformer_blocks``
+        backbone: later block lists emptied, :attr:`output_layers` and the last block's :attr:`text_output_layers`
+        replaced by identities, so that every parameter left gets a gradient. A family whose network keeps its
+        blocks or output layers elsewhere overrides this (or those attributes)."""
+        trunk = copy.deepcopy(self)
+        joint, *later = trunk.block_lists()
+        del joint[blocks:]
+        for blocks_after in later:
+            del blocks_after[:]
+        for name in self.output_layers:
+            if hasattr(trunk.transformer, name):
+                setattr(trunk.transformer, name, nn.Identity())
+        last = joint[-1]
+        for path in self.text_output_layers:
+            parent, _, name = path.rpartition(".")
+            owner = last.get_submodule(parent) if parent else last
+            if isinstance(getattr(owner, name, None), nn.Module):
+                setattr(owner, name, nn.Identity())
+        return trunk
 
     def fsdp_units(self) -> list[nn.Module]:
         return [b for blocks in self.block_lists() for b in blocks]
@@ -103,12 +139,20 @@ class TransformerTeacherConfig(PretrainedTeacherConfig):
 
 
 class TransformerTeacher(SamplerTeacher):
-    """A frozen diffusers transformer of a flow-matching family with the Euler sampler (prediction ``flow``)."""
+    """A frozen diffusers transformer with our sampler: on a flow-matching schedule (prediction ``flow``, SD3 and
+    Flux) or, for a family that says so (``flow_matching = False``), on any discrete (betas) schedule with the
+    prediction type its scheduler config names (``epsilon``, ``v_prediction``). A family subclasses it with its
+    ``network_class`` and ``make_denoiser``; the loading and the sampling scheduler its exports get are these."""
 
+    Config = TransformerTeacherConfig
     network_class: str
     """The diffusers class of the network (``SD3Transformer2DModel``, ``FluxTransformer2DModel``)."""
     network_folder = "transformer"
-    default_schedule = FlowMatchConfig(shift=3.0)
+    flow_matching: bool = True
+    """Whether the network was trained by flow matching (its schedule must then be ``flow_match``); False: a
+    discrete schedule, read from the folder's ``scheduler/`` or ``method.teacher.noise_schedule``."""
+    default_schedule: Any = FlowMatchConfig(shift=3.0)
+    """The schedule when the folder has no scheduler config and the recipe names none (a flow family's)."""
 
     def __init__(self, config: TransformerTeacherConfig, *, seed: int = 0, empty: bool = False) -> None:
         import diffusers
@@ -117,12 +161,23 @@ class TransformerTeacher(SamplerTeacher):
         found = schedule_from_pretrained(config.pretrained)
         if config.noise_schedule is not None:
             schedule = config.noise_schedule.build()
+        elif found:
+            schedule = found[0]
+        elif self.flow_matching:
+            schedule = FlowMatchSchedule(self.default_schedule)
+        else:  # a discrete family's own default, else SDXL's betas
+            default = self.default_schedule
+            schedule = NoiseSchedule(NoiseScheduleConfig() if isinstance(default, FlowMatchConfig) else default)
+        if isinstance(schedule, FlowMatchSchedule) != self.flow_matching:
+            want = "flow_match" if self.flow_matching else "a discrete (betas) one"
+            raise UserError(f"method.teacher: {self.network_class} is {'' if self.flow_matching else 'not '}a "
+                            f"flow-matching network here; its noise_schedule must be {want} (found "
+                            f"{type(schedule).__name__} in {config.pretrained}/scheduler or the recipe)")
+        if self.flow_matching:
+            prediction = "flow"
         else:
-            schedule = found[0] if found else FlowMatchSchedule(self.default_schedule)
-        if not isinstance(schedule, FlowMatchSchedule):
-            raise UserError(f"method.teacher: {self.network_class} is a flow-matching network; its noise_schedule "
-                            f"must be flow_match (found {type(schedule).__name__} in {config.pretrained}/scheduler)")
-        super().__init__(self.make_denoiser(net, schedule, config), prediction="flow", schedule=schedule)
+            prediction = config.prediction or (found[1] if found else None) or "epsilon"
+        super().__init__(self.make_denoiser(net, schedule, config), prediction=prediction, schedule=schedule)
         self.source = PretrainedSource(config.pretrained, config.subfolder, config.variant, config.dtype)
 
     def make_denoiser(self, net: nn.Module, schedule: Schedule, config: Any) -> TransformerDenoiser:
@@ -133,9 +188,14 @@ class TransformerTeacher(SamplerTeacher):
         sample our trailing steps with ``sigmas = linspace(1, 1/n, n)``."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        folder = Path(self.source.pretrained).expanduser() / "scheduler"
+        if not self.flow_matching:  # Euler, trailing, the student's prediction: what our sampler reproduces
+            from lightning_distill.models.teacher import lightning_scheduler
+
+            base = FlowMatchEulerDiscreteScheduler.load_config(str(folder)) if folder.is_dir() else self.schedule.scheduler().config
+            return lightning_scheduler(base, prediction)
         if prediction != "flow":
             raise UserError(f"a {self.network_class} student predicts 'flow'; it cannot be exported as {prediction!r}")
-        folder = Path(self.source.pretrained).expanduser() / "scheduler"
         if folder.is_dir():
             return FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder))
         return self.schedule.scheduler()
@@ -144,6 +204,17 @@ class TransformerTeacher(SamplerTeacher):
 def _conditioning_dims(config: Any) -> dict[str, int]:
     """The text sequence's and the pooled embedding's widths a transformer reads."""
     return {"text": int(config.joint_attention_dim), "pooled": int(config.pooled_projection_dim)}
+
+
+def _check_token_maps(denoiser: nn.Module, backbone: str, *more: str) -> None:
+    """A transformer backbone needs a denoiser that gives token maps (the contract of :class:`TransformerDenoiser`,
+    which a family's denoiser subclasses or imitates); anything else gets an error naming what to implement."""
+    needed = ("token_maps", "token_grid", "block_lists", "trunk_block_limit", *more)
+    missing = [name for name in needed if not callable(getattr(denoiser, name, None))]
+    if missing:
+        raise UserError(f"backbone {backbone!r} needs a teacher whose denoiser gives image-token maps: "
+                        f"{type(denoiser).__name__} lacks {', '.join(missing)} (subclass "
+                        "lightning_distill.TransformerDenoiser, which defines them); for a UNet use unet_encoder")
 
 
 @BACKBONES.register("transformer_blocks")
@@ -161,25 +232,16 @@ class TransformerBlocks(nn.Module):
 
     def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
         super().__init__()
-        if not isinstance(teacher.denoiser, TransformerDenoiser):
-            raise UserError(f"backbone 'transformer_blocks' needs a transformer teacher (sd3, flux), got "
-                            f"{type(teacher.denoiser).__name__}; use unet_encoder for UNets")
+        _check_token_maps(teacher.denoiser, "transformer_blocks", "discriminator_trunk")
         joint = len(teacher.denoiser.block_lists()[0])
-        limit = joint - 1 if joint > 1 else joint  # SD3's last joint block has no text output
+        limit = teacher.denoiser.trunk_block_limit()
         self.blocks = config.blocks if config.blocks is not None else max(1, joint // 2)
         if not 1 <= self.blocks <= limit:
             raise UserError(f"method.discriminator.backbone.blocks: choose 1 to {limit} (the teacher has {joint} joint "
                             f"blocks), got {self.blocks}")
         self.checkpointing = config.gradient_checkpointing
-        self.denoiser = copy.deepcopy(teacher.denoiser)
+        self.denoiser = teacher.denoiser.discriminator_trunk(self.blocks)
         net = self.denoiser.transformer
-        net.transformer_blocks = nn.ModuleList(list(net.transformer_blocks)[: self.blocks])
-        for name in ("single_transformer_blocks",):
-            if hasattr(net, name):
-                setattr(net, name, nn.ModuleList())
-        for name in ("norm_out", "proj_out"):  # the output layers are never used here
-            if hasattr(net, name):
-                setattr(net, name, nn.Identity())
         self.to(DTYPES[config.dtype]).requires_grad_(True).train()
         self.out_channels = int(net.config.num_attention_heads * net.config.attention_head_dim)
         self.conditioning_dims = _conditioning_dims(net.config)
@@ -195,7 +257,7 @@ class TransformerBlocks(nn.Module):
         return [self(x, t, cond)]
 
     def fsdp_units(self) -> list[nn.Module]:
-        return list(self.denoiser.transformer.transformer_blocks)
+        return list(self.denoiser.block_lists()[0])
 
 
 @BACKBONES.register("frozen_features")
@@ -217,11 +279,9 @@ class FrozenFeatures(nn.Module):
     def __init__(self, config: Config, *, teacher: SamplerTeacher) -> None:
         super().__init__()
         denoiser = teacher.denoiser
-        if not isinstance(denoiser, TransformerDenoiser):
-            raise UserError(f"backbone 'frozen_features' needs a transformer teacher (sd3, flux), got "
-                            f"{type(denoiser).__name__}")
+        _check_token_maps(denoiser, "frozen_features")
         joint = len(denoiser.block_lists()[0])
-        limit = joint - 1 if joint > 1 else joint
+        limit = denoiser.trunk_block_limit()
         blocks = config.blocks or sorted({max(1, min(limit, round(joint * f))) for f in (0.25, 0.5, 0.75)})
         if any(not 1 <= b <= limit for b in blocks):
             raise UserError(f"method.discriminator.backbone.blocks: each in 1 to {limit} (the teacher has {joint} "

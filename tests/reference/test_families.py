@@ -103,8 +103,78 @@ def test_transformer_blocks_backbone_is_a_token_map_that_passes_gradients(family
     assert feats.shape == (2, backbone.out_channels, 4, 4)
     feats.square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0  # the generator learns through it
+    # every parameter the trunk keeps learns (none left for DDP to wait on: the last block's text stream is cut)
+    assert [n for n, p in backbone.named_parameters() if p.grad is None] == []
     with pytest.raises(UserError, match="blocks"):
         cls(cls.Config(blocks=5), teacher=teacher)
+
+
+def test_a_family_declares_its_trunk_and_every_parameter_of_the_backbone_then_learns(sd3):
+    """The discriminator trunk is the denoiser's to declare (``output_layers``, ``discriminator_trunk``,
+    ``trunk_block_limit``), not attribute names of two families: a network with an output modulation of its own
+    name leaves no parameter in the backbone that never gets a gradient (what stops DDP); a denoiser without token
+    maps is refused with the contract named."""
+    import copy
+
+    from torch import nn
+
+    teacher, codec, _ = sd3
+    teacher = copy.deepcopy(teacher)
+    net = teacher.denoiser.transformer
+    net.final_modulation = nn.Linear(4, 4)  # a family's own output layer, unknown to the built-in names
+    cls = BACKBONES.get("transformer_blocks")
+    x, t, cond = torch.randn(2, 16, 8, 8), torch.tensor([999, 400]), codec.encode_text(PROMPTS)
+
+    def unused(backbone):
+        backbone.zero_grad()
+        backbone(x, t, cond).square().mean().backward()
+        return sorted(n for n, p in backbone.named_parameters() if p.grad is None)
+
+    assert any("final_modulation" in n for n in unused(cls(cls.Config(blocks=1), teacher=teacher)))
+    teacher.denoiser.output_layers = ("norm_out", "proj_out", "final_modulation")
+    assert unused(cls(cls.Config(blocks=1), teacher=teacher)) == []
+    teacher.denoiser.trunk_block_limit = lambda: 2  # a family whose last joint block gives tokens on
+    assert cls(cls.Config(blocks=2), teacher=teacher).blocks == 2
+
+    class NoMaps(nn.Module):
+        def forward(self, x, t, cond):
+            return x
+
+    teacher.denoiser = NoMaps()
+    for name in ("transformer_blocks", "frozen_features"):
+        backbone = BACKBONES.get(name)
+        with pytest.raises(UserError, match="NoMaps lacks token_maps.*lightning_distill.TransformerDenoiser"):
+            backbone(backbone.Config(), teacher=teacher)
+
+
+def test_a_transformer_family_on_a_discrete_schedule_subclasses_the_public_teacher(tiny_sd3):
+    """A transformer trained on betas (epsilon prediction), written against the package's public names only:
+    the loading, the schedule check, the prediction type and the export's trailing Euler scheduler are the
+    teacher's, not the family's to redo."""
+    from diffusers import EulerDiscreteScheduler
+
+    from lightning_distill import TransformerTeacher
+    from lightning_distill.models.noise import NoiseSchedule
+    from lightning_distill.models.sd3.network import SD3Denoiser
+
+    class DiscreteSD3(TransformerTeacher):
+        network_class = "SD3Transformer2DModel"
+        flow_matching = False
+
+        def make_denoiser(self, net, schedule, config):
+            return SD3Denoiser(net, schedule)
+
+    with pytest.raises(UserError, match="must be a discrete"):  # the folder's scheduler is flow matching
+        DiscreteSD3(validate({"pretrained": str(tiny_sd3)}, DiscreteSD3.Config))
+    teacher = DiscreteSD3(validate({"pretrained": str(tiny_sd3), "noise_schedule": {"name": "discrete"},
+                                    "prediction": "v_prediction"}, DiscreteSD3.Config))
+    assert isinstance(teacher.schedule, NoiseSchedule) and teacher.prediction == "v_prediction"
+    scheduler = teacher.sampling_scheduler("sample")
+    assert isinstance(scheduler, EulerDiscreteScheduler)
+    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.prediction_type == "sample"
+    x = torch.randn(1, 16, 8, 8)
+    out = teacher.predict(x, torch.tensor([999]), {"text": torch.randn(1, 7, 32), "pooled": torch.randn(1, 64)})
+    assert all(torch.isfinite(o).all() for o in out)
 
 
 def test_sd3_backbone_tokens_equal_the_transformer_after_its_first_block(sd3):

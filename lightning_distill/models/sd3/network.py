@@ -25,6 +25,10 @@ class SD3Denoiser(TransformerDenoiser):
     def in_channels(self) -> int:
         return int(self.transformer.config.in_channels)
 
+    def trunk_block_limit(self) -> int:
+        joint = len(self.block_lists()[0])
+        return joint - 1 if joint > 1 else joint  # the last joint block gives no text tokens on (context_pre_only)
+
     def token_grid(self, x: Tensor) -> tuple[int, int]:
         p = self.transformer.config.patch_size
         return x.shape[-2] // p, x.shape[-1] // p

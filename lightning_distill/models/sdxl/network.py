@@ -18,6 +18,7 @@ from lightning_distill.models.noise import NoiseSchedule, Schedule, schedule_fro
 from lightning_distill.errors import UserError
 from lightning_distill.models.adapters import UNET_LORA_EXCLUDE
 from lightning_distill.config.registry import BACKBONES, TEACHERS
+from lightning_distill.models.teacher import lightning_scheduler  # noqa: F401  (re-exported)
 from lightning_distill.models.teacher import PretrainedSource, PretrainedTeacherConfig, SamplerTeacher, load_network
 from lightning_distill.utils.tensors import DTYPES, Dtype
 
@@ -98,18 +99,6 @@ class SDXLTeacher(SamplerTeacher):
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
         )
         return lightning_scheduler(base.config, prediction)
-
-
-def lightning_scheduler(config: Any, prediction: str) -> Any:
-    """Euler on the discrete schedule with trailing spacing and a last sigma of zero, whatever the base config
-    says otherwise: the sampling our ``sample_latents`` reproduces."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler.from_config(
-        config, timestep_spacing="trailing", prediction_type=prediction, use_karras_sigmas=False,
-        use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero",
-        rescale_betas_zero_snr=False, interpolation_type="linear",
-    )
 
 
 @TEACHERS.register("unet")

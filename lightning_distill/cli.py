@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", default=[], help="repeat for several images")
     sample.add_argument("--steps", type=positive, help="default: the model's step count")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--size", type=positive, help="image size in pixels (default: the recipe's resolution, or 1024)")
+    sample.add_argument("--size", type=positive, help="image size in pixels (default: the resolution the run trained at; for an export made "
+                        "before exports recorded it, the pipeline's own default)")
     sample.add_argument("--stage", help="run folders: stage or phase name (default: the last finished phase)")
     sample.add_argument("--base", help="exported models: base pipeline (default: the one it was distilled from)")
     sample.add_argument("--out", required=True, help="PNG file to write")
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     components = sub.add_parser("components", help="list registered components and their settings")
     components.add_argument("role", nargs="?", help="only this role (teacher, loss, ...)")
+    components.add_argument("--recipe", help="also what this recipe's imports: register")
     return parser
 
 
@@ -133,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from lightning_distill.engine.run import describe_components, run_folder, train
 
     if args.command == "components":
+        if args.recipe:
+            load_recipe(args.recipe)  # imports its modules (and validates it)
         print(describe_components(args.role))
         return 0
     if args.command == "export":
@@ -149,7 +153,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if (model / "recipe.yaml").is_file():
             images = sample_run(model, args.prompt, args.steps, args.seed, args.size, args.stage)
         else:
-            images = sample_exported(model, args.prompt, args.steps, args.seed, args.size or 1024, args.base)
+            images = sample_exported(model, args.prompt, args.steps, args.seed, args.size, args.base)
         save_grid(images, Path(args.out))
         print(f"wrote {len(images)} samples to {args.out}")
         return 0

@@ -73,7 +73,9 @@ def batch_conditioning(batch: dict[str, Any], codec: Codec) -> dict[str, Tensor]
     if "caption" not in batch:
         return cond
     if not codec.has_text:
-        raise UserError("the data has captions but the codec has no text encoders; use codec sdxl")
+        raise UserError("the data has captions but the codec has no text encoders: choose a codec with "
+                            "has_text = True (one that implements caption_conditioning, e.g. minilm, sdxl, sd15, sd3, "
+                            "flux), or data with cached embeddings")
     images = batch.get("pixels", batch.get("latents"))
     f = 1 if "pixels" in batch else codec.scale_factor
     h, w = (f * s for s in images.shape[-2:])

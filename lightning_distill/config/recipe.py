@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lightning_distill.config.fields import Min, PositiveInt, Spec, component, to_dict, validate
 from lightning_distill.errors import RecipeError, UserError
-from lightning_distill.config.registry import import_modules
+from lightning_distill.config.registry import import_modules, resolve_import
 
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -238,6 +238,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
     imports = resolved.get("imports", [])
     if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
         raise RecipeError("expected a list of module names", path="imports", source=source("imports"))
+    imports = [resolve_import(m, resolved_path.parent) for m in imports]  # beside the recipe: recorded absolute
+    if imports:
+        resolved["imports"] = imports
     import_modules(imports)
     recipe = validate(resolved, Recipe, source=source)
     for flag in ("offload_frozen", "meta_init"):

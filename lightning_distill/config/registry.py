@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, TypeVar
 
 from lightning_distill.errors import UserError
@@ -251,13 +254,60 @@ def load_plugins(force: bool = False) -> None:
         log.info("loaded lightning-distill plugin %s from %s", ep.name, ep.value)
 
 
+def resolve_import(name: str, base: Path | None) -> str:
+    """Where an ``imports:`` entry comes from, as a run records it: a module on ``sys.path`` stays a module name;
+    a ``.py`` file, or a module found only beside the recipe (``base``), becomes the file's absolute path, so that
+    ``export`` and ``sample`` of the run import it again from anywhere."""
+    if name.endswith(".py"):
+        path = Path(name).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return str(path.resolve())
+    try:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    except (ImportError, ValueError):
+        pass
+    if base is not None:
+        beside = base.joinpath(*name.split("."))
+        for candidate in (beside.with_suffix(".py"), beside / "__init__.py"):
+            if candidate.is_file():
+                return str(candidate.resolve())
+    return name  # not found: import_modules says so
+
+
 def import_modules(modules: list[str]) -> None:
-    """Import the modules a recipe lists under ``imports:`` (unpackaged code that registers components)."""
+    """Import the modules a recipe lists under ``imports:`` (unpackaged code that registers components): module
+    names, or ``.py`` files (a package's ``__init__.py`` imports the package)."""
     load_plugins()
     for name in modules:
         try:
-            importlib.import_module(name)
-        except ImportError as err:
+            if name.endswith(".py"):
+                _import_file(Path(name))
+            else:
+                importlib.import_module(name)
+        except (ImportError, FileNotFoundError) as err:
             raise UserError(
-                f"imports: cannot import {name!r}: {err}. Put its folder on PYTHONPATH or install it"
+                f"imports: cannot import {name!r}: {err}. Give a module on PYTHONPATH, an installed package, or a "
+                "module or .py file beside the recipe"
             ) from err
+
+
+def _import_file(path: Path) -> None:
+    """Import a module (or, from its ``__init__.py``, a package) by file, once, under its own name."""
+    package = path.name == "__init__.py"
+    name = path.parent.name if package else path.stem
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=[str(path.parent)] if package else None)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise

@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 Format = Literal["diffusers", "lora", "comfyui"]
 
 
+def lora_loadable(pipeline: str | None) -> bool:
+    """Whether diffusers' ``pipeline`` class can load a LoRA file (``load_lora_weights``); unknown: assumed so."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline, None) if pipeline else None
+    return cls is None or hasattr(cls, "load_lora_weights")
+
+
 def check_out(out: Path, run_dir: Path) -> Path:
     """``--out`` must be new, empty, or an earlier export (which is then replaced); never the run or a parent."""
     out = Path(out).expanduser().resolve()
@@ -59,12 +67,16 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
         )
     if fmt != "diffusers" and model.base_network is None:
         raise UserError(f"{run_dir} trained a model from scratch (method {run.recipe.method.name}); export it with --format diffusers")
+    if fmt == "lora" and not lora_loadable(model.pipeline):
+        raise UserError(f"{model.pipeline} has no load_lora_weights, so a LoRA file would not load in it; export "
+                        f"{run_dir} with --format diffusers (the LoRA merged into full weights) instead")
     facts = model.facts
     meta = {"base": model.base, "phase": phase.name, "stage": facts.stage, "steps": facts.steps,
             "prediction": facts.prediction, "format": fmt, "run": str(run_dir.resolve()),
             "pipeline": model.pipeline, "network_class": type(model.network).__name__,
             "network_folder": model.network_folder, "guidance": model.embedded_guidance,
-            "sigmas": trailing_sigmas(facts.steps, model.schedule.T) if facts.prediction == "flow" and facts.steps else None}
+            "sigmas": trailing_sigmas(facts.steps, model.schedule.T) if facts.prediction == "flow" and facts.steps else None,
+            "resolution": getattr(getattr(run.recipe.data, "config", None), "resolution", None)}
 
     def write(tmp: Path) -> None:
         if fmt == "diffusers":

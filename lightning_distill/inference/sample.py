@@ -50,9 +50,10 @@ def sample_run(
 
 
 def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = None, seed: int = 0,
-                    size: int = 1024, base: str | None = None) -> Tensor:
+                    size: int | None = None, base: str | None = None) -> Tensor:
     """Images from an ``export`` folder through its family's diffusers pipeline (``StableDiffusionXLPipeline``,
-    ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``)."""
+    ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``), at ``size`` pixels (default: the
+    resolution the run trained at, as the export records it; else the pipeline's own default)."""
     import diffusers
 
     meta_file = Path(model_dir) / "lightning_distill.json"
@@ -73,11 +74,14 @@ def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = Non
         scheduler_class = getattr(diffusers, json.loads((scheduler_dir / "scheduler_config.json").read_text())["_class_name"])
         pipe.scheduler = scheduler_class.from_pretrained(str(scheduler_dir))
     else:
+        if not hasattr(pipeline, "load_lora_weights"):
+            raise UserError(f"{model_dir}: {pipeline.__name__} has no load_lora_weights, so this LoRA export cannot "
+                            "be loaded into it; export the run with --format diffusers (merged weights) instead")
         pipe = pipeline.from_pretrained(base)
         pipe.load_lora_weights(str(model_dir), weight_name=LORA_FILE)
         pipe.fuse_lora()
         if not flow:
-            from lightning_distill.models.sdxl.network import lightning_scheduler
+            from lightning_distill.models.teacher import lightning_scheduler
 
             pipe.scheduler = lightning_scheduler(pipe.scheduler.config, meta["prediction"])
     pipe.set_progress_bar_config(disable=True)
@@ -87,8 +91,10 @@ def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = Non
         from lightning_distill.models.noise import trailing_sigmas
 
         extra["sigmas"] = trailing_sigmas(steps, pipe.scheduler.config.num_train_timesteps)
-    out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=meta.get("guidance") or 0.0, height=size,
-               width=size, generator=torch.Generator().manual_seed(seed), output_type="pt", **extra)
+    size = size or meta.get("resolution")
+    if size:
+        extra.update(height=size, width=size)
+    out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=meta.get("guidance") or 0.0, generator=torch.Generator().manual_seed(seed), output_type="pt", **extra)
     return out.images.float().cpu()
 
 

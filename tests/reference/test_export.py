@@ -55,6 +55,33 @@ def test_diffusers_export_loads_and_samples_like_our_sampler(lora_run, tiny_sdxl
     theirs = sample_exported(out, PROMPTS, seed=SEED, size=16)
     assert ours.shape == theirs.shape == (2, 3, 16, 16)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    # without --size, the export samples at the resolution the run trained at (recorded), not at 1024
+    from lightning_distill.engine.runfolder import RunFolder
+
+    trained_at = RunFolder(lora_run).recipe.data.config.resolution
+    assert json.loads((out / "lightning_distill.json").read_text())["resolution"] == trained_at == 16
+    assert sample_exported(out, PROMPTS[:1], seed=SEED).shape == (1, 3, 16, 16)
+
+
+def test_a_lora_export_for_a_pipeline_without_lora_loading_is_refused_with_the_way_out(lora_run, tmp_path,
+                                                                                        monkeypatch):
+    from lightning_distill.errors import UserError
+    from lightning_distill.export import diffusers as export_module
+    from lightning_distill.inference.sample import sample_exported
+
+    assert export_module.lora_loadable("StableDiffusionXLPipeline") and export_module.lora_loadable("FluxPipeline")
+    assert not export_module.lora_loadable("PixArtAlphaPipeline")  # a diffusers pipeline without load_lora_weights
+    monkeypatch.setattr(export_module, "lora_loadable", lambda pipeline: False)
+    with pytest.raises(UserError, match="--format diffusers"):
+        export_module.export(lora_run, "lora", tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    # an export folder naming such a pipeline: sample says why, not an AttributeError
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "lightning_distill.json").write_text(json.dumps(
+        {"base": "x", "pipeline": "PixArtAlphaPipeline", "steps": 2, "prediction": "epsilon", "format": "lora"}))
+    with pytest.raises(UserError, match="has no load_lora_weights.*--format diffusers"):
+        sample_exported(folder, ["a cat"])
 
 
 def test_lora_export_fuses_into_the_trained_unet(lora_run, tiny_sdxl, tmp_path):

@@ -104,6 +104,49 @@ def test_recipe_imports_register_unpackaged_components(tmp_path, monkeypatch):
     assert loaded.resolved["imports"] == ["my_components"]
 
 
+def test_imports_beside_the_recipe_are_found_and_recorded_so_a_run_needs_no_pythonpath(tmp_path, cli):
+    """A module (or a .py file) beside the recipe is imported without PYTHONPATH; the run's recipe.yaml records
+    its absolute path, so commands on the run (here ``validate`` of the run's recipe and ``components --recipe``)
+    find it from another folder."""
+    from support import DEBUG_RECIPE
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "beside_loss.py").write_text(
+        "from dataclasses import dataclass\n"
+        "import torch.nn.functional as F\n"
+        "from lightning_distill import LOSSES\n"
+        "@LOSSES.register('l1_beside')\n"
+        "class L1:\n"
+        "    adversarial = False\n"
+        "    @dataclass(kw_only=True)\n"
+        "    class Config:\n"
+        "        scale: float = 1.0\n"
+        "    def __init__(self, config): self.config = config\n"
+        "    def __call__(self, pred, target): return self.config.scale * F.l1_loss(pred, target)\n"
+    )
+    (folder / "recipe.yaml").write_text(f"extends: {DEBUG_RECIPE}\nimports: [beside_loss]\n"
+                                        "method: {regression_loss: {name: l1_beside}}\n")
+    (folder / "by_file.yaml").write_text(f"extends: {DEBUG_RECIPE}\nimports: [./beside_loss.py]\n"
+                                         "method: {regression_loss: {name: l1_beside}}\n")
+    from lightning_distill.config.recipe import load_recipe
+
+    for recipe in ("recipe.yaml", "by_file.yaml"):
+        loaded = load_recipe(folder / recipe)
+        assert loaded.resolved["imports"] == [str((folder / "beside_loss.py").resolve())]
+        assert loaded.recipe.method.config.regression_loss.name == "l1_beside"
+    copy = tmp_path / "elsewhere" / "recipe.yaml"  # as a run folder keeps it
+    copy.parent.mkdir()
+    copy.write_text(f"extends: {DEBUG_RECIPE}\nimports: [{folder / 'beside_loss.py'}]\n"
+                    "method: {regression_loss: {name: l1_beside}}\n")
+    assert cli("validate", str(copy)).returncode == 0
+    listed = cli("components", "loss", "--recipe", str(folder / "recipe.yaml"))
+    assert listed.returncode == 0 and "l1_beside" in listed.stdout, listed.stderr[-2000:]
+    assert "l1_beside" not in cli("components", "loss").stdout
+    missing = cli("validate", str(DEBUG_RECIPE), "imports=[./no_such_file.py]")
+    assert missing.returncode == 2 and "no_such_file.py" in missing.stderr
+
+
 def test_config_of_a_registered_component_is_typed():
     @dataclass(kw_only=True)
     class Cfg:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -103,3 +104,31 @@ def test_fault_injection_suite_passes_one_trial_of_each_fault():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "%" in line]
     assert len(rows) >= 10 and all("| 100 % |" in row for row in rows), result.stdout
+
+
+def test_the_gpu_check_runs_dry_on_the_cpu_and_keeps_to_its_budget(tmp_path):
+    """``benchmarks/gpu.py --dry-run``: every part's code path at tiny sizes (the script a lent GPU runs at real
+    size); each measured phase has the plan's figure beside it; a budget too short skips and names what is left."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    results, out = tmp_path / "RESULTS.md", tmp_path / "gpu.json"
+    report = gpu.main(["--dry-run", "--json", str(out), "--results", str(results), "--out", str(tmp_path / "runs")])
+    parts = report["parts"]
+    assert set(parts) == {"steps", "plan", "optimizers", "transformers", "tiny"}
+    assert [r["phase"] for r in parts["steps"]] == ["mse full", "adv-uncond lora ckpt"]
+    assert all(r["TFLOP/step"] > 0 and r["step s"] > 0 for r in parts["steps"])
+    assert {r["recipe"] for r in parts["plan"]} == {"lora_24gb.yaml", "full.yaml"}
+    for r in parts["plan"] + parts["optimizers"] + parts["transformers"]:
+        assert r["plan GiB"] > 0 and r["step s"] > 0 and r["TFLOP/step (plan)"] > 0, r
+    assert [r["recipe"] for r in parts["transformers"]] == ["sd3 lora.yaml", "flux lora.yaml"]
+    assert all(r["exit"] == 0 for r in parts["tiny"][:1])
+    assert any("adam8bit" in s for s in report["skipped"])  # bitsandbytes' 8-bit Adam: CUDA only, and said so
+    saved = json.loads(out.read_text())
+    assert saved["parts"]["plan"][0]["peak GiB"] is None  # no CUDA peak on a CPU: null, not NaN
+    text = results.read_text()
+    assert text.count("### GPU check") == 5 and "python benchmarks/gpu.py --dry-run" in text
+
+    short = gpu.main(["--dry-run", "--budget", "0", "--no-record", "--parts", "plan", "tiny"])
+    assert short["parts"] == {"plan": [], "tiny": []}
+    assert any(s.startswith("plan: phase") for s in short["skipped"]) and any("pytest" in s for s in short["skipped"])

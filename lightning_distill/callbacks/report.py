@@ -62,21 +62,21 @@ class Report(Callback):
             return
         i = step - 1 - phase.start
         warm, end = instrument_windows(phase)
-        add = torch.zeros(6)
-        if ACCURACY in logs and i in warm:
-            add[0], add[1] = float(logs[ACCURACY]), 1
-        if ACCURACY in logs and i in end:
-            add[2], add[3] = float(logs[ACCURACY]), 1
-        if GAP in logs and i in end:
-            add[4], add[5] = float(logs[GAP]), 1
-        self._sums += add
+        for slot, key, window in ((0, ACCURACY, warm), (2, ACCURACY, end), (4, GAP, end)):
+            if key in logs and i in window:
+                value = logs[key].detach().float().reshape(())
+                if self._sums.device != value.device:  # summed where the logs live: no host sync per step
+                    self._sums = self._sums.to(value.device)
+                self._sums[slot] += value
+                self._sums[slot + 1] += 1
 
     def on_phase_result(self, *, fabric: Any, phase: Any, **_: Any) -> None:
         if "discriminator" not in phase.optimizers:
             return
         sums = self._sums
         if fabric.world_size > 1:  # each rank judged its own samples: the mean over ranks
-            sums = fabric.all_reduce(sums.to(fabric.device), reduce_op="mean").cpu()
+            sums = fabric.all_reduce(sums.to(fabric.device), reduce_op="mean")
+        sums = sums.cpu()
 
         def mean(total: torch.Tensor, count: torch.Tensor) -> float | None:
             return round(float(total / count), 4) if count > 0 else None
@@ -92,7 +92,7 @@ class Report(Callback):
             write_atomically(path, json.dumps({"phases": self.rows}, indent=2))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "phase": self._phase, "sums": self._sums.tolist()}
+        return {"rows": self.rows, "phase": self._phase, "sums": self._sums.cpu().tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows, self._phase, self._sums = state["rows"], state["phase"], torch.tensor(state["sums"])

@@ -104,8 +104,15 @@ class ProgressiveDistillation(Method):
         self.codec = codec
         self.seed = seed
         self.regression = config.regression_loss.build()
-        self.adversarial = config.adversarial_loss.build()
-        self.regularizers = [(spec.name, spec.build()) for spec in config.regularizers]
+        self._objectives(None)
+
+    def _objectives(self, options: Any) -> None:
+        """The adversarial loss and discriminator regularisers: a phase's own (``options``), else the method's."""
+        c = self.config
+        loss = getattr(options, "adversarial_loss", None) or c.adversarial_loss
+        regularizers = getattr(options, "regularizers", None)
+        self.adversarial = loss.build()
+        self.regularizers = [(spec.name, spec.build()) for spec in (c.regularizers if regularizers is None else regularizers)]
 
     @staticmethod
     def callbacks(config: Config) -> list[Any]:
@@ -164,9 +171,7 @@ class ProgressiveDistillation(Method):
         if start is not None and not empty:  # (or, first in a branch, from the branch point's student)
             student.load_state_dict(strip_prefix(artifacts(start), "student."))
         o = phase.options
-        self.adversarial = (o.adversarial_loss or c.adversarial_loss).build()  # the phase's objective, or the method's
-        regularizers = o.regularizers if o.regularizers is not None else c.regularizers
-        self.regularizers = [(spec.name, spec.build()) for spec in regularizers]
+        self._objectives(o)
         adapter = phase.options.adapter.build()
         adapter.apply(student.net)
         self.adapter = adapter

@@ -30,6 +30,9 @@ class Codec(nn.Module):
     """Whether classifier-free guidance's unconditional input is zero text embeddings (SDXL's
     ``force_zeros_for_empty_prompt``) or, when False, the encoding of the empty caption (SD1.5, SD3): then
     ``encode_text([""])`` gives it, as the family's pipeline computes its negative prompt."""
+    null_keeps: tuple[str, ...] = ("time_ids",)
+    """Conditioning entries that guidance's unconditional input keeps as they are (not text: SDXL's ``time_ids``;
+    a plugin's attention masks or size inputs); every other entry is nulled as ``zero_null`` says."""
 
     def encode(self, pixels: Tensor) -> Tensor:
         raise NotImplementedError
@@ -60,10 +63,12 @@ def prompt_conditioning(codec: Codec, prompts: list[str], height: int, width: in
 
 def null_conditioning(codec: Codec, height: int, width: int, device: Any) -> dict[str, Tensor] | None:
     """Classifier-free guidance's unconditional input, one row: the empty caption's encoding for codecs whose
-    pipeline encodes it (``zero_null = False``), else None (zero embeddings)."""
+    pipeline encodes it (``zero_null = False``), without the entries the codec keeps (``null_keeps``); else None
+    (zeros, made from the batch: no text encoder needed, as with cached embeddings)."""
     if codec.zero_null or not codec.has_text:
         return None
-    return codec.caption_conditioning([""], height, width, device)
+    keeps = set(codec.null_keeps)
+    return {k: v for k, v in codec.caption_conditioning([""], height, width, device).items() if k not in keeps}
 
 
 def batch_conditioning(batch: dict[str, Any], codec: Codec) -> dict[str, Tensor]:

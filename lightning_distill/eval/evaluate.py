@@ -150,7 +150,8 @@ def evaluate_run(
         model.denoiser.to(device)
         out = []
         for s in _chunks(len(noise), config.batch_size):
-            x = model.sample(noise[s].to(device), {k: v[s] for k, v in cond.items()}, steps, guidance, null)
+            x = model.sample(noise[s].to(device), {k: v[s] for k, v in cond.items()}, steps, guidance, null,
+                             tuple(getattr(codec, "null_keeps", ("time_ids",))))
             out.append(to_unit(codec.decode(x)))
         return torch.cat(out)
 

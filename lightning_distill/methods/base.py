@@ -127,17 +127,18 @@ class PhaseModel:
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: dict[str, Tensor], steps: int | None = None, guidance: float = 0.0,
-               null: dict[str, Tensor] | None = None) -> Tensor:
+               null: dict[str, Tensor] | None = None, keeps: tuple[str, ...] = ("time_ids",)) -> Tensor:
         """Clean latents from ``noise`` (drawn as diffusers draws it) in ``steps`` (default: the phase's) Euler
         steps on trailing timesteps, with classifier-free guidance when ``guidance > 1`` (``null``: the
-        unconditional input, see :func:`~lightning_distill.models.teacher.null_cond`)."""
+        unconditional input, and ``keeps``, the entries it leaves as they are: see
+        :func:`~lightning_distill.models.teacher.null_cond`)."""
         from lightning_distill.inference.sampler import sample_latents
         from lightning_distill.models.teacher import guided
 
         steps = steps or self.facts.steps
         if steps is None:
             raise ValueError(f"{self.facts.stage}: give the number of sampling steps")
-        return sample_latents(guided(self.denoiser, guidance, null), self.schedule, self.facts.prediction, noise, cond,
+        return sample_latents(guided(self.denoiser, guidance, null, keeps), self.schedule, self.facts.prediction, noise, cond,
                               steps)
 
 

@@ -15,23 +15,25 @@ from lightning_distill.utils.tensors import DTYPES, Dtype
 from lightning_distill.models.noise import Prediction, Schedule
 
 
-def null_cond(cond: dict[str, Tensor], null: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def null_cond(cond: dict[str, Tensor], null: dict[str, Tensor] | None = None,
+              keeps: tuple[str, ...] = ("time_ids",)) -> dict[str, Tensor]:
     """The unconditional input for guidance: ``null`` (the empty caption's encoding, one row, for codecs whose
-    pipeline encodes it: SD1.5, SD3) broadcast to the batch, else zero text embeddings (SDXL's
-    ``force_zeros_for_empty_prompt``). Entries that are not text (``time_ids``) are kept."""
+    pipeline encodes it: SD1.5, SD3) broadcast to the batch, else zeros (SDXL's ``force_zeros_for_empty_prompt``).
+    The entries in ``keeps`` (the codec's ``null_keeps``: ``time_ids``, a plugin's masks or sizes) stay as they are."""
     if null is not None:
-        return {k: (null[k].to(v).expand_as(v) if k in null and k != "time_ids" else v) for k, v in cond.items()}
-    return {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
+        return {k: (null[k].to(v).expand_as(v) if k in null and k not in keeps else v) for k, v in cond.items()}
+    return {k: (v if k in keeps else torch.zeros_like(v)) for k, v in cond.items()}
 
 
-def guided(denoiser: Any, scale: float, null: dict[str, Tensor] | None = None) -> Any:
+def guided(denoiser: Any, scale: float, null: dict[str, Tensor] | None = None,
+           keeps: tuple[str, ...] = ("time_ids",)) -> Any:
     """``denoiser`` with classifier-free guidance at ``scale`` (> 1; otherwise ``denoiser`` itself): one batched
     call on the null (see :func:`null_cond`) and the real conditioning, ``out_u + scale (out_c - out_u)``."""
     if scale <= 1.0:
         return denoiser
 
     def run(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        uncond = null_cond(cond, null)
+        uncond = null_cond(cond, null, keeps)
         both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
         out_u, out_c = denoiser(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return out_u + scale * (out_c - out_u)
@@ -116,6 +118,8 @@ class SamplerTeacher(nn.Module):
         self.denoiser = denoiser.requires_grad_(False).eval()
         self.prediction: Prediction = prediction  # type: ignore[assignment]
         self.schedule = schedule
+        self.null_keeps: tuple[str, ...] = ("time_ids",)
+        """Conditioning entries guidance leaves as they are (the codec's ``null_keeps``, set by the method)."""
 
     source: PretrainedSource | None = None
     """The diffusers folder or hub id the network came from; None: built by code (no export format)."""
@@ -143,7 +147,7 @@ class SamplerTeacher(nn.Module):
         self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance: float = 0.0, null: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(x0, ε)`` at ``t``, with classifier-free guidance when ``guidance > 1`` (``null``: see ``null_cond``)."""
-        out = guided(self.denoiser, guidance, null)(x, t, cond)
+        out = guided(self.denoiser, guidance, null, self.null_keeps)(x, t, cond)
         return self.schedule.split(out.to(x.dtype), x, t, self.prediction)
 
     def forward(

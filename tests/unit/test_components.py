@@ -257,3 +257,43 @@ def test_ema_hands_the_average_on_at_phase_end(cli, tmp_path):
     init = {f"student.net.{k}": v for k, v in teacher.denoiser.state_dict().items()}
     dist = lambda x, y: sum(float((x[k] - y[k]).pow(2).sum()) for k in x)  # noqa: E731
     assert 0 < dist(b, a) < dist(init, a)
+
+
+def test_guidance_nulls_the_text_and_keeps_what_the_codec_declares():
+    """A codec's ``null_keeps`` (here a mask besides ``time_ids``) stays as the batch has it in guidance's
+    unconditional half, with zero text (``zero_null``) or the empty caption's encoding; the method hands the
+    codec's declaration to the teacher."""
+    from lightning_distill.codecs.base import Identity
+    from lightning_distill.config.recipe import load_recipe
+    from lightning_distill.models.teacher import guided, null_cond
+
+    from support import DEBUG_RECIPE
+
+    torch.manual_seed(0)
+    cond = {"text": torch.randn(2, 3, 4), "pooled": torch.randn(2, 4), "time_ids": torch.randn(2, 6),
+            "mask": torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])}
+    keeps = ("time_ids", "mask")
+    zeroed = null_cond(cond, None, keeps)
+    assert zeroed["text"].abs().sum() == 0 and zeroed["pooled"].abs().sum() == 0
+    assert torch.equal(zeroed["mask"], cond["mask"]) and torch.equal(zeroed["time_ids"], cond["time_ids"])
+    assert null_cond(cond, None)["mask"].abs().sum() == 0  # the old rule: only time_ids kept
+    empty = {"text": torch.randn(1, 3, 4), "pooled": torch.randn(1, 4)}
+    encoded = null_cond(cond, {**empty, "mask": torch.zeros(1, 3)}, keeps)
+    assert torch.equal(encoded["text"], empty["text"].expand(2, 3, 4)) and torch.equal(encoded["mask"], cond["mask"])
+
+    seen = {}
+
+    def denoiser(x, t, c):
+        seen.update(c)
+        return x
+
+    guided(denoiser, 3.0, None, keeps)(torch.randn(2, 1), torch.zeros(2), cond)
+    assert torch.equal(seen["mask"], torch.cat([cond["mask"], cond["mask"]]))
+    assert seen["text"][:2].abs().sum() == 0 and torch.equal(seen["text"][2:], cond["text"])
+
+    codec = Identity()
+    codec.null_keeps = keeps
+    recipe = load_recipe(DEBUG_RECIPE).recipe
+    phases = recipe.schedule.build().phases()
+    method = recipe.method.build(phases=phases, codec=codec, seed=0)
+    assert method.build_phase(phases[0], lambda index: {}, empty=True)["teacher"].null_keeps == keeps

@@ -158,6 +158,7 @@ class ProgressiveDistillation(Method):
         before = stages[: stages.index(phase.stage)]
         source = phase.options.teacher_from or (before[-1] if before else None)
         teacher = c.teacher.build(seed=self.seed, empty=empty) if empty else c.teacher.build(seed=self.seed)
+        teacher.null_keeps = tuple(getattr(self.codec, "null_keeps", ("time_ids",)))  # what guidance leaves as is
         if source is not None:  # this stage's teacher: a previous stage's final (merged) student
             last = self._last_phase_of(source)
             if not empty:

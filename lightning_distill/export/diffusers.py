@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 Format = Literal["diffusers", "lora", "comfyui"]
 
 
+COMFYUI_PIPELINES = frozenset({"StableDiffusionXLPipeline", "StableDiffusionPipeline", "StableDiffusion3Pipeline",
+                               "FluxPipeline"})
+"""Families whose networks ComfyUI's LoRA loader maps ``lora_unet_*`` / ``lora_transformer_*`` names onto."""
+
+
 def lora_loadable(pipeline: str | None) -> bool:
     """Whether diffusers' ``pipeline`` class can load a LoRA file (``load_lora_weights``); unknown: assumed so."""
     import diffusers
@@ -67,6 +72,10 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
         )
     if fmt != "diffusers" and model.base_network is None:
         raise UserError(f"{run_dir} trained a model from scratch (method {run.recipe.method.name}); export it with --format diffusers")
+    if fmt == "comfyui" and model.pipeline not in COMFYUI_PIPELINES:
+        raise UserError(f"ComfyUI maps kohya LoRA names onto the networks of {', '.join(sorted(COMFYUI_PIPELINES))} "
+                        f"only; a {model.pipeline} network's names would load nothing there. Export {run_dir} with "
+                        "--format lora (diffusers names) instead")
     if fmt == "lora" and not lora_loadable(model.pipeline):
         raise UserError(f"{model.pipeline} has no load_lora_weights, so a LoRA file would not load in it; export "
                         f"{run_dir} with --format diffusers (the LoRA merged into full weights) instead")

@@ -63,7 +63,7 @@ def test_diffusers_export_loads_and_samples_like_our_sampler(lora_run, tiny_sdxl
     assert sample_exported(out, PROMPTS[:1], seed=SEED).shape == (1, 3, 16, 16)
 
 
-def test_a_lora_export_for_a_pipeline_without_lora_loading_is_refused_with_the_way_out(lora_run, tmp_path,
+def test_lora_and_comfyui_exports_a_family_cannot_load_are_refused_with_the_way_out(lora_run, tmp_path,
                                                                                         monkeypatch):
     from lightning_distill.errors import UserError
     from lightning_distill.export import diffusers as export_module
@@ -71,6 +71,10 @@ def test_a_lora_export_for_a_pipeline_without_lora_loading_is_refused_with_the_w
 
     assert export_module.lora_loadable("StableDiffusionXLPipeline") and export_module.lora_loadable("FluxPipeline")
     assert not export_module.lora_loadable("PixArtAlphaPipeline")  # a diffusers pipeline without load_lora_weights
+    monkeypatch.setattr(export_module, "COMFYUI_PIPELINES", frozenset({"FluxPipeline"}))  # as for another family
+    with pytest.raises(UserError, match="--format lora"):
+        export_module.export(lora_run, "comfyui", tmp_path / "comfy")
+    assert not (tmp_path / "comfy").exists()
     monkeypatch.setattr(export_module, "lora_loadable", lambda pipeline: False)
     with pytest.raises(UserError, match="--format diffusers"):
         export_module.export(lora_run, "lora", tmp_path / "lora")

@@ -85,7 +85,8 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
             "pipeline": model.pipeline, "network_class": type(model.network).__name__,
             "network_folder": model.network_folder, "guidance": model.embedded_guidance,
             "sigmas": trailing_sigmas(facts.steps, model.schedule.T) if facts.prediction == "flow" and facts.steps else None,
-            "resolution": getattr(getattr(run.recipe.data, "config", None), "resolution", None)}
+            "resolution": getattr(getattr(run.recipe.data, "config", None), "resolution", None),
+            "pipeline_call": model.pipeline_call}
 
     def write(tmp: Path) -> None:
         if fmt == "diffusers":
@@ -120,6 +121,8 @@ def model_card(meta: dict[str, Any], recipe: str) -> str:
         imports = f"EulerDiscreteScheduler, {network}, {pipeline}"
         how = f"{steps} steps, Euler with **trailing** timestep spacing, **no** classifier-free guidance"
         call = f'image = pipe("a photo of a cat", num_inference_steps={steps}, guidance_scale=0).images[0]'
+    extra = "".join(f", {k}={v!r}" for k, v in (meta.get("pipeline_call") or {}).items())  # the family's own
+    call = call.replace(").images[0]", f"{extra}).images[0]")
     if meta["format"] == "diffusers":
         load = (f'{folder} = {network}.from_pretrained("THIS_FOLDER", subfolder="{folder}")\n'
                 f'pipe = {pipeline}.from_pretrained("{meta["base"]}", {folder}={folder})')

@@ -91,6 +91,7 @@ def sample_exported(model_dir: Path, prompts: list[str], steps: int | None = Non
         from lightning_distill.models.noise import trailing_sigmas
 
         extra["sigmas"] = trailing_sigmas(steps, pipe.scheduler.config.num_train_timesteps)
+    extra.update(meta.get("pipeline_call") or {})  # the family's own call arguments, recorded by export
     size = size or meta.get("resolution")
     if size:
         extra.update(height=size, width=size)

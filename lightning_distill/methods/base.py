@@ -7,7 +7,7 @@ run of steps with one set of modules and optimizers; each optimizer is named aft
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -124,6 +124,8 @@ class PhaseModel:
     """The network's folder in that pipeline, and the LoRA key prefix: ``unet`` or ``transformer``."""
     embedded_guidance: float = 0.0
     """The guidance value a guidance-distilled network is given (the pipeline's ``guidance_scale`` for Flux)."""
+    pipeline_call: dict = field(default_factory=dict)
+    """Extra arguments of the family's pipeline call (the teacher's ``pipeline_call``)."""
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: dict[str, Tensor], steps: int | None = None, guidance: float = 0.0,

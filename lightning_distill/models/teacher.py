@@ -125,6 +125,9 @@ class SamplerTeacher(nn.Module):
     """The diffusers folder or hub id the network came from; None: built by code (no export format)."""
     pipeline_class: str | None = None
     """The diffusers pipeline its exports plug into (e.g. ``StableDiffusionXLPipeline``)."""
+    pipeline_call: dict[str, Any] = {}
+    """Extra arguments ``sample`` of an export gives the family's pipeline call, where its defaults would render
+    other images than the run's sampler (e.g. ``{"use_resolution_binning": False}``); written into the export."""
     network_folder: str = "unet"
     """The pipeline's folder (and LoRA key prefix) of the network: ``unet`` or ``transformer``."""
     embedded_guidance: float = 0.0

@@ -79,6 +79,14 @@ def test_lora_and_comfyui_exports_a_family_cannot_load_are_refused_with_the_way_
     with pytest.raises(UserError, match="--format diffusers"):
         export_module.export(lora_run, "lora", tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+    # a family's own pipeline call arguments are recorded in the export and its model card
+    from lightning_distill.models.sdxl.network import SDXLTeacher
+
+    monkeypatch.setattr(SDXLTeacher, "pipeline_call", {"clip_skip": None})
+    meta = export_module.export(lora_run, "diffusers", tmp_path / "call")
+    assert meta["pipeline_call"] == {"clip_skip": None}
+    assert json.loads((tmp_path / "call" / "lightning_distill.json").read_text())["pipeline_call"] == {"clip_skip": None}
+    assert "guidance_scale=0, clip_skip=None).images[0]" in (tmp_path / "call" / "README.md").read_text()
     # an export folder naming such a pipeline: sample says why, not an AttributeError
     folder = tmp_path / "old"
     folder.mkdir()

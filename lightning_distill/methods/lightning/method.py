@@ -398,6 +398,7 @@ class ProgressiveDistillation(Method):
             pipeline=teacher.pipeline_class,
             network_folder=teacher.network_folder,
             embedded_guidance=teacher.embedded_guidance,
+            pipeline_call=dict(getattr(teacher, "pipeline_call", {})),
         )
 
     def _current_model(self) -> PhaseModel:

@@ -134,7 +134,7 @@ def part_steps(device: torch.device, dry: bool, batch: int, steps: int, budget: 
 
     step.RATE[device.type] = RATE[0]
     rows = []
-    cases = [c for c in step.CASES if c[0] in ("mse full", "adv-uncond lora ckpt")] if dry else step.CASES
+    cases = [c for c in step.CASES if c[0] == "adv-uncond lora ckpt"] if dry else step.CASES
     for case in cases:
         if case[4] == "adam8bit" and device.type != "cuda":
             budget.skipped.append(f"steps: {case[0]} (bitsandbytes' 8-bit Adam needs CUDA)")
@@ -264,7 +264,7 @@ def part_plan(device: torch.device, dry: bool, steps: int, budget: Budget) -> li
                                ("full.yaml", SDXL / "full.yaml", [])):
         overrides = [*dryrun, *extra]
         indices = distinct_phases(path, overrides)
-        rows += measured_rows(label, path, overrides, indices[:2] if dry else indices, device, steps, budget, "plan")
+        rows += measured_rows(label, path, overrides, indices[1:2] if dry else indices, device, steps, budget, "plan")
     return rows
 
 

@@ -143,16 +143,18 @@ def part_steps(device: torch.device, dry: bool, batch: int, steps: int, budget: 
             continue
         b = batch
         while True:
+            oom = False
             try:
                 with torch.device(device):  # random weights made where they run (no copy of 2.6 B parameters)
                     rows.append(step.run_case(case, dry, b, steps, device))
-                break
             except (RuntimeError, torch.OutOfMemoryError) as err:
                 if not is_oom(err) or b == 1:
                     raise
-                free(device)
-                b //= 2
-        free(device)
+                oom = True
+            free(device)  # outside the handler: its traceback no longer holds the failed attempt's tensors
+            if not oom:
+                break
+            b //= 2
     return rows
 
 
@@ -252,8 +254,8 @@ def measured_rows(label: str, path: Path, overrides: list[str], indices: list[in
         except (RuntimeError, torch.OutOfMemoryError) as err:
             if not is_oom(err):
                 raise
-            free(device)
             rows.append({"recipe": label, "phase": f"#{i}", "error": "out of memory"})
+        free(device)
     return rows
 
 
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = device_name(device) + (" (dry run: tiny configs)" if dry else "")
     command = "python benchmarks/gpu.py" + (" --dry-run" if dry else "")
     results = None if args.no_record else Path(args.results)
-    report: dict[str, Any] = {"device": name, "commit": commit(), "parts": {}, "skipped": budget.skipped}
+    report: dict[str, Any] = {"device": name, "commit": commit(), "parts": {}, "skipped": budget.skipped, "seconds": 0.0}
     with tiny_configs(dry):
         for key, (title, run) in PARTS.items():
             if args.parts and key not in args.parts:
@@ -397,10 +399,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 keys = list(dict.fromkeys(k for r in rows for k in r))
                 rows = [{k: r.get(k, "") for k in keys} for r in rows]
                 record(title, command, name, rows, results)
-    report["seconds"] = time.monotonic() - START
+            report["seconds"] = time.monotonic() - START
+            if not args.no_record:  # after every part: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(_finite(report), indent=1) + "\n")
     print(f"\n{report['seconds']:.0f} s in all; skipped: {', '.join(budget.skipped) or 'nothing'}")
-    if not args.no_record:
-        Path(args.json).write_text(json.dumps(_finite(report), indent=1) + "\n")
     return report
 
 

@@ -297,3 +297,21 @@ def test_guidance_nulls_the_text_and_keeps_what_the_codec_declares():
     phases = recipe.schedule.build().phases()
     method = recipe.method.build(phases=phases, codec=codec, seed=0)
     assert method.build_phase(phases[0], lambda index: {}, empty=True)["teacher"].null_keeps == keeps
+
+
+def test_x0_conversion_on_a_schedule_with_almost_no_signal_at_t_is_warned_before_anything_loads(caplog):
+    """Linear betas leave sqrt(alpha_bar_T) = 0.0064: the x0 target divides by it; SDXL's 0.068 is not warned.
+    Loading the recipe (``validate``, the start of ``train``) says so, before any model loads."""
+    import logging
+
+    x0 = ["schedule.stages.1.phases.0={kind: x0_convert, steps: 2}"]
+    linear = "method.teacher.noise_schedule={name: discrete, beta_schedule: linear, beta_start: 0.0001, beta_end: 0.02}"
+    with caplog.at_level(logging.WARNING):
+        load_recipe(DEBUG_RECIPE, [*x0, linear])
+    assert "sqrt(alpha_bar_T) = 0.0064" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_recipe(DEBUG_RECIPE, [*x0, linear.replace("linear,", "scaled_linear,").replace("0.0001", "0.00085")
+                                   .replace("0.02}", "0.012}")])
+        load_recipe(DEBUG_RECIPE, [linear])  # no x0 conversion: nothing to say
+    assert "x0_convert" not in caplog.text

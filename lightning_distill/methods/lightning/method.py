@@ -65,6 +65,33 @@ class StudentEMA:
     """The phase kinds averaged (mse, adversarial, x0_convert)."""
 
 
+def _warn_x0_conversion(config: Any, phases: list[Phase]) -> None:
+    """An ``x0_convert`` phase makes the epsilon teacher's x0 at t = T, ``(x - √(1-ᾱ_T) ε) / √ᾱ_T``: on linear
+    betas √ᾱ_T is 0.0064 (SDXL's scaled-linear: 0.068), so the target amplifies the teacher's error by 150x. Said
+    before anything loads, from the folder's (or the recipe's) schedule, where it can be read."""
+    if not any(p.kind == "x0_convert" for p in phases):
+        return
+    teacher = getattr(config.teacher, "config", None)
+    try:
+        spec = getattr(teacher, "noise_schedule", None)
+        if spec is not None:
+            schedule = spec.build()
+        else:
+            from lightning_distill.models.architectures import offline_configs
+            from lightning_distill.models.noise import schedule_from_pretrained
+
+            with offline_configs():
+                found = schedule_from_pretrained(getattr(teacher, "pretrained", ""))
+            schedule = found[0] if found else None
+        scale = float(schedule.alphas_cumprod[-1].sqrt()) if hasattr(schedule, "alphas_cumprod") else None
+    except Exception:  # noqa: BLE001 - a warning must never stop a run; the teacher's own loading says what fails
+        return
+    if scale is not None and scale < 0.03:
+        log.warning("x0_convert: the epsilon teacher's x0 at t = T divides by sqrt(alpha_bar_T) = %.4f on this "
+                    "schedule (SDXL's betas: 0.068), amplifying its error %.0fx: expect a noisy 1-step target; a "
+                    "v-prediction teacher needs no conversion (v is defined at t = T)", scale, 1 / scale)
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -133,6 +160,7 @@ class ProgressiveDistillation(Method):
         def adversarial(loss: object) -> bool:  # the loss contract: adversarial losses set adversarial = True
             return bool(getattr(loss, "adversarial", False))
 
+        _warn_x0_conversion(config, phases)
         chosen = [("method.adversarial_loss", config.adversarial_loss)] + [
             (f"schedule: phase {p.name!r} adversarial_loss", p.options.adversarial_loss)
             for p in phases if getattr(p.options, "adversarial_loss", None) is not None]

@@ -66,6 +66,12 @@ def offline_configs() -> Iterator[None]:
         _OFFLINE.pop()
 
 
+def register_config(pretrained: str, subfolder: str, config: dict[str, Any]) -> None:
+    """Add a base model's published config (``config.json`` of ``pretrained/subfolder``) for ``plan`` to read
+    offline: what a family plugin calls for the hub ids its recipes name."""
+    KNOWN[(pretrained, subfolder)] = dict(config)
+
+
 def known_config(pretrained: str, subfolder: str) -> dict[str, Any] | None:
     """Inside :func:`offline_configs`, the published config of a known base model's part; else None."""
     found = KNOWN.get((pretrained, subfolder)) if _OFFLINE[-1] else None

@@ -87,8 +87,12 @@ CODEC_PARAMETERS: dict[str, tuple[int, tuple[int, ...]]] = {
 
 def _codec_bytes(recipe: Any) -> int:
     """The codec's weights, resident for the whole run: the VAE (encoding uncached images, decoding previews) and
-    the text encoders unless ``codec.text_encoders`` is false (data cached by ``lightning-distill cache``)."""
+    the text encoders unless ``codec.text_encoders`` is false (data cached by ``lightning-distill cache``). A
+    plugin's codec says it with ``plan_bytes(config)`` (a classmethod: nothing is built)."""
     config = recipe.codec.to_dict()
+    declared = getattr(recipe.codec.component(), "plan_bytes", None)
+    if declared is not None:
+        return int(declared(config))
     if recipe.codec.name not in CODEC_PARAMETERS:  # a small codec of this package: built for real, counted
         return sum(p.numel() * p.element_size() for p in recipe.codec.build().parameters())
     size = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -166,7 +170,8 @@ def example_batch(recipe: Any, batch_size: int) -> dict[str, torch.Tensor]:
     codec_name = recipe.codec.name
     data_config = getattr(recipe.data, "config", None)
     resolution = getattr(data_config, "resolution", None) or 1024
-    if codec_name in FAMILIES:
+    declared = getattr(recipe.codec.component(), "plan_shapes", None)  # a plugin family's codec: its own shapes
+    if declared is not None or codec_name in FAMILIES:
         from diffusers import UNet2DConditionModel
 
         from lightning_distill.models.architectures import offline_configs
@@ -175,7 +180,10 @@ def example_batch(recipe: Any, batch_size: int) -> dict[str, torch.Tensor]:
         teacher = recipe.method.config.teacher.config
         with offline_configs():
             net = network_config(UNet2DConditionModel, teacher.pretrained, teacher.subfolder)
-        shapes = _family_shapes(codec_name, resolution, recipe.codec.to_dict(), net)
+        if declared is not None:
+            shapes = declared(resolution, recipe.codec.to_dict(), net)
+        else:
+            shapes = _family_shapes(codec_name, resolution, recipe.codec.to_dict(), net)
         return {k: torch.empty(batch_size, *s, device="meta") for k, s in shapes.items()}
     # a small codec of this package (identity, minilm): encode one example for real, keep only the shapes
     from lightning_distill.codecs.base import batch_conditioning

@@ -213,3 +213,55 @@ def test_plan_json_runs_offline_on_every_shipped_recipe(recipe):
     result = run_cli("plan", recipe, "--json", env={"HF_HUB_OFFLINE": "1"}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["phases"]
+
+
+def test_a_plugin_family_is_planned_from_what_it_registers_without_building_its_codec(monkeypatch):
+    """A family plugin registers its base model's published configs (``register_config``) and gives its codec's
+    shapes and bytes as classmethods (``plan_shapes``, ``plan_bytes``): ``plan`` reads those, offline, and never
+    builds the codec (a T5-XXL on the CPU, for a real one)."""
+    from dataclasses import dataclass
+
+    from lightning_distill import CODECS
+    from lightning_distill.models import architectures
+    from lightning_distill.plan.planner import _codec_bytes
+
+    hub = "someone/tiny-transformer-family"
+    monkeypatch.setitem(architectures.KNOWN, (hub, "transformer"), {
+        "_class_name": "SD3Transformer2DModel", "sample_size": 4, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+        "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+        "caption_projection_dim": 16, "pooled_projection_dim": 64, "pos_embed_max_size": 16})
+    architectures.register_config(hub, "scheduler", {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                     "num_train_timesteps": 1000, "shift": 3.0})
+    monkeypatch.setitem(architectures.KNOWN, (hub, "scheduler"), architectures.KNOWN[(hub, "scheduler")])
+    seen = {}
+
+    @CODECS.register("plugin_text_for_plan", override=True)
+    class PluginCodec:
+        @dataclass(kw_only=True)
+        class Config:
+            tokens: int = 12
+
+        def __init__(self, config):
+            raise AssertionError("plan built the codec")
+
+        @classmethod
+        def plan_shapes(cls, resolution, config, net):
+            seen["net"] = net["joint_attention_dim"]
+            return {"latents": (16, resolution // 8, resolution // 8), "text": (config["tokens"], net["joint_attention_dim"]),
+                    "pooled": (net["pooled_projection_dim"],)}
+
+        @classmethod
+        def plan_bytes(cls, config):
+            return 3 * 2**30
+
+    recipe = load_recipe(ROOT / "recipes" / "sd3_lightning" / "lora.yaml", [
+        "fabric.devices=1", "fabric.strategy=auto", "train.batch_size=2", "data.resolution=64",
+        f"method.teacher.pretrained={hub}", "codec={name: plugin_text_for_plan, tokens: 12}",
+        "method.discriminator.head.channels=32"]).recipe
+    batch = example_batch(recipe, 2)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {"latents": (2, 16, 8, 8), "text": (2, 12, 32), "pooled": (2, 64)}
+    assert seen["net"] == 32  # the registered config, read offline
+    phases = recipe.schedule.build().phases()
+    plan = plan_phase(recipe, phases, phases[1])
+    assert plan.parts["codec"] == 3.0 and _codec_bytes(recipe) == 3 * 2**30
+    assert plan.parts["activations"] > 0 and plan.tflop_per_sample > 0

@@ -67,8 +67,9 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
     model = run.phase_model(phase)
     if model.network is None or model.scheduler is None:
         raise UserError(
-            f"export needs a network with a diffusers format (teacher sdxl or unet, or method diffusion); the network "
-            f"of {run_dir} has none. Its phase results are in {run_dir / 'phases'}"
+            f"export needs a teacher loaded from a diffusers folder (its denoiser's ``network`` and the teacher's "
+            f"``sampling_scheduler``: every teacher with ``pretrained``, e.g. sdxl, sd3, flux, a plugin family built on "
+            f"SamplerTeacher); the network of {run_dir} has none. Its phase results are in {run_dir / 'phases'}"
         )
     if fmt != "diffusers" and model.base_network is None:
         raise UserError(f"{run_dir} trained a model from scratch (method {run.recipe.method.name}); export it with --format diffusers")

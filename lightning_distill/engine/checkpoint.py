@@ -37,7 +37,12 @@ _NAME = re.compile(r"^step-(\d{8})$")
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain data (numpy's key as a tensor), so that a checkpoint's rank
+    state loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)],
+             "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -45,7 +50,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -190,7 +196,19 @@ class Checkpoints:
         return self.load_rank_state(path)
 
     def load_rank_state(self, path: Path) -> dict[str, Any]:
-        return torch.load(path / f"rank-{self.fabric.global_rank}.pt", weights_only=False)
+        """This rank's own state, read as tensors and plain data only: a checkpoint from elsewhere (a shared
+        folder, a downloaded run) cannot run code on resume."""
+        import pickle
+
+        file = path / f"rank-{self.fabric.global_rank}.pt"
+        try:
+            return torch.load(file, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UserError(
+                f"{file} holds more than tensors and plain data, which resuming does not unpickle (it could run "
+                f"code): {str(err).splitlines()[0]}. Move {path} away to resume from an older checkpoint, or "
+                "from the start"
+            ) from err
 
 
 

@@ -116,3 +116,40 @@ def test_a_changed_phase_result_is_refused_before_use(cli, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "phase result damaged" in result.stderr and "SHA-256 differs" in result.stderr
     assert not (tmp_path / "export").exists()
+
+
+class _Payload:
+    """Pickled, it asks the loader to create a file: what a planted checkpoint could make a resume do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_runs_nothing(cli, tmp_path):
+    """Resuming reads a rank's state as tensors and plain data only: a checkpoint rewritten by someone else (its
+    digests made to match) with a pickled call is refused with exit 2, and the call never runs."""
+    import json
+
+    from lightning_distill.engine.checkpoint import _meta_digest
+    from lightning_distill.utils.files import digests
+
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    killed = cli("train", str(DEBUG_RECIPE), "--out", str(out), *KILLABLE, env={"LD_KILL_AT_STEP": "11"})
+    assert killed.returncode != 0
+    newest = out / "checkpoints" / "step-00000010"
+    state = torch.load(newest / "rank-0.pt", weights_only=True)  # what the loop wrote loads without pickle's code
+    torch.save({**state, "loader": _Payload(marker)}, newest / "rank-0.pt")
+    meta = json.loads((newest / "meta.json").read_text())
+    meta["files"] = digests(newest, sorted(meta["files"]))
+    meta.pop("meta_sha256")
+    meta["meta_sha256"] = _meta_digest(meta)
+    (newest / "meta.json").write_text(json.dumps(meta, indent=2))
+    again = cli("train", str(DEBUG_RECIPE), "--out", str(out), *KILLABLE)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "rank-0.pt holds more than tensors and plain data" in again.stderr
+    assert not marker.exists()

@@ -114,7 +114,7 @@ def evaluate_run(
     from torch.utils.data import default_collate
 
     from lightning_distill.codecs.base import null_conditioning, prompt_conditioning
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
     from lightning_distill.inference.sample import save_grid
 
     run_dir = Path(run_dir)

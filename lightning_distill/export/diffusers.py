@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from lightning_distill.errors import UserError
 from lightning_distill.utils.files import replace_folder
-from lightning_distill.engine.runfolder import RunFolder
+from lightning_distill.run_folder import RunFolder
 from lightning_distill.export.lora import LORA_FILE, extract_lora, to_comfyui
 from lightning_distill.models.noise import trailing_sigmas
 from lightning_distill.utils.tensors import DTYPES

@@ -20,7 +20,7 @@ def sample_run(
     stage: str | None = None,
 ) -> Tensor:
     """Images ``[N, 3, H, W]`` in ``[0, 1]`` from a run's last (or ``stage``'s) student, with our sampler."""
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
 
     run = RunFolder(Path(run_dir))
     recipe = run.recipe

@@ -28,7 +28,7 @@ def lora_run(tiny_sdxl, tmp_path_factory):
 
 
 def _student(run):
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
     from lightning_distill.utils.tensors import strip_prefix
 
     folder = RunFolder(run)
@@ -56,7 +56,7 @@ def test_diffusers_export_loads_and_samples_like_our_sampler(lora_run, tiny_sdxl
     assert ours.shape == theirs.shape == (2, 3, 16, 16)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     # without --size, the export samples at the resolution the run trained at (recorded), not at 1024
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
 
     trained_at = RunFolder(lora_run).recipe.data.config.resolution
     assert json.loads((out / "lightning_distill.json").read_text())["resolution"] == trained_at == 16
@@ -178,7 +178,7 @@ def test_export_reads_the_facts_recorded_with_the_phase(lora_run, tmp_path):
     from safetensors.torch import save_file
 
     from lightning_distill.engine.artifacts import digest_path
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
     from lightning_distill.utils.files import digest
 
     folder = RunFolder(lora_run)

@@ -257,7 +257,7 @@ def test_family_recipes_run_every_phase_kind(sd3_run, flux_run):
 def test_diffusers_export_loads_in_the_pipeline_and_samples_like_our_sampler(family, sd3_run, flux_run, tmp_path):
     import diffusers
 
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
     from lightning_distill.inference.sample import sample_exported, sample_run
     from lightning_distill.utils.tensors import strip_prefix
 
@@ -282,7 +282,7 @@ def test_diffusers_export_loads_in_the_pipeline_and_samples_like_our_sampler(fam
 def test_sd3_lora_export_fuses_into_the_trained_transformer(sd3_run, tiny_sd3, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
     from lightning_distill.utils.tensors import strip_prefix
 
     out = tmp_path / "lora"
@@ -366,7 +366,7 @@ def test_diffusion_method_trains_a_flow_transformer_the_sd3_teacher_loads(tmp_pa
     assert teacher.prediction == "flow" and teacher.denoiser.in_channels == 3
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([999, 100])
     cond = {"text": torch.randn(2, 20, 384)}
-    from lightning_distill.engine.runfolder import RunFolder
+    from lightning_distill.run_folder import RunFolder
 
     model = RunFolder(run).phase_model(RunFolder(run).pick())
     with torch.no_grad():

@@ -76,3 +76,19 @@ def known_config(pretrained: str, subfolder: str) -> dict[str, Any] | None:
     """Inside :func:`offline_configs`, the published config of a known base model's part; else None."""
     found = KNOWN.get((pretrained, subfolder)) if _OFFLINE[-1] else None
     return dict(found) if found is not None else None
+
+
+def network_config(cls: Any, pretrained: str, subfolder: str) -> dict[str, Any]:
+    """A network's ``config.json``: from a local folder, else the published config of a known base model (no
+    download: :data:`KNOWN`, within :func:`offline_configs`), else from the hub."""
+    from pathlib import Path
+
+    from lightning_distill.errors import UserError
+
+    local = Path(pretrained).expanduser()
+    if not (local / subfolder).is_dir() and (known := known_config(pretrained, subfolder)) is not None:
+        return known
+    try:
+        return cls.load_config(str(local) if local.exists() else pretrained, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of {cls.__name__} from {pretrained!r}/{subfolder}: {err}") from err

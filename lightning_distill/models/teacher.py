@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from lightning_distill.config.fields import component
 from lightning_distill.errors import UserError
-from lightning_distill.utils.pretrained import load_pretrained, network_config
+from lightning_distill.models.architectures import network_config
+from lightning_distill.utils.pretrained import load_pretrained
 from lightning_distill.utils.tensors import DTYPES, Dtype
 from lightning_distill.models.noise import Prediction, Schedule
 

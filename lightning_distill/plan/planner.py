@@ -175,7 +175,7 @@ def example_batch(recipe: Any, batch_size: int) -> dict[str, torch.Tensor]:
         from diffusers import UNet2DConditionModel
 
         from lightning_distill.models.architectures import offline_configs
-        from lightning_distill.utils.pretrained import network_config
+        from lightning_distill.models.architectures import network_config
 
         teacher = recipe.method.config.teacher.config
         with offline_configs():

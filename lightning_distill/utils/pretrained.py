@@ -18,17 +18,3 @@ def load_pretrained(cls: Any, pretrained: str, subfolder: str, **kwargs: Any) ->
         return cls.from_pretrained(str(local) if looks_local else pretrained, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load {cls.__name__} from {pretrained!r}/{subfolder}: {err}") from err
-
-
-def network_config(cls: Any, pretrained: str, subfolder: str) -> dict[str, Any]:
-    """A network's ``config.json``: from a local folder, else the published config of a known base model (no
-    download; :mod:`lightning_distill.models.architectures`), else from the hub."""
-    from lightning_distill.models.architectures import known_config
-
-    local = Path(pretrained).expanduser()
-    if not (local / subfolder).is_dir() and (known := known_config(pretrained, subfolder)) is not None:
-        return known
-    try:
-        return cls.load_config(str(local) if local.exists() else pretrained, subfolder=subfolder)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the config of {cls.__name__} from {pretrained!r}/{subfolder}: {err}") from err

@@ -131,4 +131,4 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_keeps_to_its_budget(tmp_path):
 
     short = gpu.main(["--dry-run", "--budget", "0", "--no-record", "--parts", "plan", "tiny"])
     assert short["parts"] == {"plan": [], "tiny": []}
-    assert any(s.startswith("plan: phase") for s in short["skipped"]) and any("pytest" in s for s in short["skipped"])
+    assert any(s.startswith("lora_24gb.yaml: phase") for s in short["skipped"]) and any("pytest" in s for s in short["skipped"])

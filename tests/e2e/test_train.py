@@ -206,4 +206,4 @@ def test_a_toy_teacher_with_a_text_codec_samples_from_prompts(cli, tmp_path):
     with Image.open(grid) as im:
         assert im.size == (2 * 9 + 1, 10)  # two 8-px samples of the 4-step student, 1-px borders
     done = cli("export", str(out), "--out", str(tmp_path / "export"), env=env)
-    assert done.returncode == 2 and "diffusers format" in done.stderr  # toy networks have none: a clear refusal
+    assert done.returncode == 2 and "a teacher loaded from a diffusers folder" in done.stderr  # toy networks: refused

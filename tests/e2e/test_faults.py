@@ -34,6 +34,7 @@ def test_a_diverging_run_stops_with_exit_1_and_keeps_its_last_finite_checkpoints
     assert not (out / "phases" / "00-s8-mse.safetensors").exists()
 
 
+@pytest.mark.slow  # about 25 s on 2 cores; the diverging-run test covers a NaN stop in the default run
 def test_a_nan_step_stops_the_run_and_the_rerun_ends_as_if_nothing_happened(cli, tmp_path):
     whole, faulty = tmp_path / "whole", tmp_path / "faulty"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *NAN).returncode == 0

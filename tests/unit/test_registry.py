@@ -77,13 +77,13 @@ def test_components_command_lists_fields_and_plugins(cli):
     assert "plugins: extras" in result.stdout
 
 
-def test_recipe_imports_register_unpackaged_components(tmp_path, monkeypatch):
-    module = tmp_path / "my_components.py"
-    module.write_text(
+def _l1_loss_module(name: str) -> str:
+    """Source of an unpackaged module that registers an L1 regression loss as ``name``."""
+    return (
         "from dataclasses import dataclass\n"
         "import torch.nn.functional as F\n"
         "from lightning_distill import LOSSES\n"
-        "@LOSSES.register('l1_local')\n"
+        "@LOSSES.register('" + name + "')\n"
         "class L1:\n"
         "    adversarial = False\n"
         "    @dataclass(kw_only=True)\n"
@@ -92,6 +92,11 @@ def test_recipe_imports_register_unpackaged_components(tmp_path, monkeypatch):
         "    def __init__(self, config): self.config = config\n"
         "    def __call__(self, pred, target): return self.config.scale * F.l1_loss(pred, target)\n"
     )
+
+
+def test_recipe_imports_register_unpackaged_components(tmp_path, monkeypatch):
+    module = tmp_path / "my_components.py"
+    module.write_text(_l1_loss_module("l1_local"))
     monkeypatch.syspath_prepend(str(tmp_path))
     from support import DEBUG_RECIPE
 
@@ -112,19 +117,7 @@ def test_imports_beside_the_recipe_are_found_and_recorded_so_a_run_needs_no_pyth
 
     folder = tmp_path / "mine"
     folder.mkdir()
-    (folder / "beside_loss.py").write_text(
-        "from dataclasses import dataclass\n"
-        "import torch.nn.functional as F\n"
-        "from lightning_distill import LOSSES\n"
-        "@LOSSES.register('l1_beside')\n"
-        "class L1:\n"
-        "    adversarial = False\n"
-        "    @dataclass(kw_only=True)\n"
-        "    class Config:\n"
-        "        scale: float = 1.0\n"
-        "    def __init__(self, config): self.config = config\n"
-        "    def __call__(self, pred, target): return self.config.scale * F.l1_loss(pred, target)\n"
-    )
+    (folder / "beside_loss.py").write_text(_l1_loss_module("l1_beside"))
     (folder / "recipe.yaml").write_text(f"extends: {DEBUG_RECIPE}\nimports: [beside_loss]\n"
                                         "method: {regression_loss: {name: l1_beside}}\n")
     (folder / "by_file.yaml").write_text(f"extends: {DEBUG_RECIPE}\nimports: [./beside_loss.py]\n"

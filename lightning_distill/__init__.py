@@ -29,11 +29,13 @@ __all__ = [
     "ADAPTERS", "BACKBONES", "CALLBACKS", "CODECS", "DATA", "DISCRIMINATORS", "FEATURES", "HEADS", "LOSSES", "METHODS", "METRICS",
     "OPTIMIZERS", "REGISTRIES", "REGULARIZERS", "SCHEDULES", "STUDENTS", "TEACHERS",
     "Method", "OptimizerSettings", "Phase", "RecipeError", "SamplerTeacher", "Spec", "TransformerDenoiser",
-    "TransformerTeacher", "UserError", "component",
+    "TransformerTeacher", "TransformerTeacherConfig", "UserError", "VAECodec", "VAECodecConfig", "component",
 ]
 
 _LAZY = {"SamplerTeacher": "lightning_distill.models.teacher", "TransformerDenoiser": "lightning_distill.models.transformer",
-         "TransformerTeacher": "lightning_distill.models.transformer"}
+         "TransformerTeacher": "lightning_distill.models.transformer",
+         "TransformerTeacherConfig": "lightning_distill.models.transformer",
+         "VAECodec": "lightning_distill.codecs.vae", "VAECodecConfig": "lightning_distill.codecs.vae"}
 """Bases a family plugin subclasses, imported on first use (they import diffusers)."""
 
 

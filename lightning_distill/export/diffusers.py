@@ -76,7 +76,8 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
     if fmt == "comfyui" and model.pipeline not in COMFYUI_PIPELINES:
         raise UserError(f"ComfyUI maps kohya LoRA names onto the networks of {', '.join(sorted(COMFYUI_PIPELINES))} "
                         f"only; a {model.pipeline} network's names would load nothing there. Export {run_dir} with "
-                        "--format lora (diffusers names) instead")
+                        + ("--format lora (diffusers names) instead" if lora_loadable(model.pipeline) else
+                           f"--format diffusers (merged weights) instead: {model.pipeline} loads no LoRA either"))
     if fmt == "lora" and not lora_loadable(model.pipeline):
         raise UserError(f"{model.pipeline} has no load_lora_weights, so a LoRA file would not load in it; export "
                         f"{run_dir} with --format diffusers (the LoRA merged into full weights) instead")

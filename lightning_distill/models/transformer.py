@@ -78,15 +78,32 @@ class TransformerDenoiser(nn.Module):
         for blocks_after in later:
             del blocks_after[:]
         for name in self.output_layers:
-            if hasattr(trunk.transformer, name):
+            layer = getattr(trunk.transformer, name, None)
+            if isinstance(layer, nn.Parameter):  # an output modulation table (PixArt's scale_shift_table)
+                setattr(trunk.transformer, name, None)
+            elif layer is not None:
                 setattr(trunk.transformer, name, nn.Identity())
         last = joint[-1]
         for path in self.text_output_layers:
             parent, _, name = path.rpartition(".")
-            owner = last.get_submodule(parent) if parent else last
+            try:
+                owner = last.get_submodule(parent) if parent else last
+            except AttributeError:  # a block without a text stream (cross-attention blocks): nothing to cut
+                continue
             if isinstance(getattr(owner, name, None), nn.Module):
                 setattr(owner, name, nn.Identity())
         return trunk
+
+    def conditioning_dims(self) -> dict[str, int]:
+        """The conditioning entries a multi-level discriminator's heads may read, with their widths (a token
+        sequence's channels, a pooled embedding's): diffusers' SD3/Flux config names by default."""
+        config = self.transformer.config
+        return {"text": int(config.joint_attention_dim), "pooled": int(config.pooled_projection_dim)}
+
+    def image_tokens(self, output: Any) -> Tensor:
+        """The image tokens ``[B, N, D]`` in what one of :meth:`block_lists`' first blocks returns: joint blocks
+        return ``(text tokens, image tokens)``; a family whose blocks return the image tokens alone overrides it."""
+        return output[1]
 
     def fsdp_units(self) -> list[nn.Module]:
         return [b for blocks in self.block_lists() for b in blocks]
@@ -112,7 +129,7 @@ class TransformerDenoiser(nn.Module):
 
         def keep(i: int) -> Any:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                found[i] = output[1]  # joint blocks return (text tokens, image tokens)
+                found[i] = self.image_tokens(output)
             return hook
 
         handles = [blocks[i - 1].register_forward_hook(keep(i)) for i in after]
@@ -201,15 +218,10 @@ class TransformerTeacher(SamplerTeacher):
         return self.schedule.scheduler()
 
 
-def _conditioning_dims(config: Any) -> dict[str, int]:
-    """The text sequence's and the pooled embedding's widths a transformer reads."""
-    return {"text": int(config.joint_attention_dim), "pooled": int(config.pooled_projection_dim)}
-
-
 def _check_token_maps(denoiser: nn.Module, backbone: str, *more: str) -> None:
     """A transformer backbone needs a denoiser that gives token maps (the contract of :class:`TransformerDenoiser`,
     which a family's denoiser subclasses or imitates); anything else gets an error naming what to implement."""
-    needed = ("token_maps", "token_grid", "block_lists", "trunk_block_limit", *more)
+    needed = ("token_maps", "token_grid", "block_lists", "trunk_block_limit", "conditioning_dims", *more)
     missing = [name for name in needed if not callable(getattr(denoiser, name, None))]
     if missing:
         raise UserError(f"backbone {backbone!r} needs a teacher whose denoiser gives image-token maps: "
@@ -244,7 +256,7 @@ class TransformerBlocks(nn.Module):
         net = self.denoiser.transformer
         self.to(DTYPES[config.dtype]).requires_grad_(True).train()
         self.out_channels = int(net.config.num_attention_heads * net.config.attention_head_dim)
-        self.conditioning_dims = _conditioning_dims(net.config)
+        self.conditioning_dims = self.denoiser.conditioning_dims()
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return self.denoiser.token_maps(x, t, cond, [self.blocks], self.checkpointing)[0]
@@ -292,7 +304,7 @@ class FrozenFeatures(nn.Module):
         object.__setattr__(self, "_sampler", teacher)  # its root module, through which a sharded teacher runs
         width = int(denoiser.transformer.config.num_attention_heads * denoiser.transformer.config.attention_head_dim)
         self.out_channels = width * len(self.blocks)
-        self.conditioning_dims = _conditioning_dims(denoiser.transformer.config)
+        self.conditioning_dims = denoiser.conditioning_dims()
         """Conditioning entries (and widths) a multi-level discriminator's heads may read."""
 
     @property

@@ -48,7 +48,7 @@ def make_t5_tokenizer():
     return T5TokenizerFast(vocab=list(scores.items()), extra_ids=0, model_max_length=512)
 
 
-def _t5(tokenizer, d_model: int):
+def make_t5(tokenizer, d_model: int):
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(
@@ -58,7 +58,7 @@ def _t5(tokenizer, d_model: int):
     ))
 
 
-def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None = None):
+def make_vae(latent_channels: int, scaling_factor: float, shift_factor: float | None = None):
     """A four-block AutoencoderKL (8 pixels per latent); SD3/Flux's VAEs have a shift and no quant convs."""
     from diffusers import AutoencoderKL
 
@@ -88,7 +88,7 @@ def make_sd15(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = _clip_tokenizer(scratch / "tokenizer")
     pipe = StableDiffusionPipeline(
-        vae=_vae(4, 0.18215),
+        vae=make_vae(4, 0.18215),
         text_encoder=CLIPTextModel(_clip_config(scratch / "tokenizer", 32)),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(
@@ -125,9 +125,9 @@ def make_sd3(out: Path, seed: int = 0) -> Path:
         # hidden 8 + 16 = 24, zero-padded to T5's 32 (as 768 + 1280 to 4096); pooled 32 + 32 = pooled_projection_dim
         text_encoder=CLIPTextModelWithProjection(_clip_config(scratch / "tokenizer", 8, projection=32)),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(scratch / "tokenizer_2", 16, projection=32)),
-        text_encoder_3=_t5(tokenizer_3, 32),
+        text_encoder_3=make_t5(tokenizer_3, 32),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3,
-        vae=_vae(16, 1.5305, 0.0609),
+        vae=make_vae(16, 1.5305, 0.0609),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     )
     return _save(pipe, out, scratch)
@@ -150,9 +150,9 @@ def make_flux(out: Path, seed: int = 0) -> Path:
             axes_dims_rope=(4, 6, 6),
         ),
         text_encoder=CLIPTextModel(_clip_config(scratch / "tokenizer", 32)),
-        text_encoder_2=_t5(tokenizer_2, 32),
+        text_encoder_2=make_t5(tokenizer_2, 32),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        vae=_vae(16, 0.3611, 0.1159),
+        vae=make_vae(16, 0.3611, 0.1159),
         scheduler=FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
             base_image_seq_len=256, max_image_seq_len=4096,

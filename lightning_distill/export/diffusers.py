@@ -95,7 +95,7 @@ def export(run_dir: Path, fmt: Format, out: Path, stage: str | None = None, rank
             model.network.to(DTYPES[model.export_dtype]).save_pretrained(tmp / model.network_folder)
             model.scheduler().save_pretrained(tmp / "scheduler")
         else:
-            lora, info = extract_lora(model, rank)
+            lora, info = extract_lora(model, rank, diffs=fmt == "comfyui")
             meta.update(info)
             save_file(to_comfyui(lora) if fmt == "comfyui" else lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
         (tmp / "lightning_distill.json").write_text(json.dumps(meta, indent=2))

@@ -1,5 +1,6 @@
-"""LoRA files of a distilled UNet: the difference to the base UNet on the LoRA-targeted layers, factored by SVD,
-in peft names (diffusers ``load_lora_weights``) or kohya/ComfyUI names."""
+"""LoRA files of a distilled network: the difference to the base network on the LoRA-targeted layers, factored by
+SVD, in peft names (diffusers ``load_lora_weights``) or kohya/ComfyUI names (with every other changed weight as a
+whole difference)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ def lora_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     return a.float().contiguous(), b.float().contiguous(), err
 
 
-def extract_lora(model: PhaseModel, rank: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def extract_lora(model: PhaseModel, rank: int, diffs: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """peft-format LoRA (``unet.NAME.lora_A.weight``/``lora_B``; ``transformer.`` for transformers) of the phase's network − its base network, on the
-    run's LoRA targets (the LCM-LoRA rule unless the run's adapter says otherwise)."""
+    run's LoRA targets (the LCM-LoRA rule unless the run's adapter says otherwise).
+
+    With ``diffs`` (ComfyUI's format), every other weight and bias the run changed is carried whole as its
+    difference to the base (``NAME.diff``, ``NAME.diff_b``: ComfyUI adds them to the base's weights), so that a
+    full run's file changes all that the run changed."""
     from lightning_distill.models.adapters import UNET_LORA_EXCLUDE, LoRA
 
     assert model.network is not None and model.base_network is not None
@@ -43,12 +48,11 @@ def extract_lora(model: PhaseModel, rank: int) -> tuple[dict[str, Tensor], dict[
     targets = LoRA(LoRA.Config(rank=rank, exclude=exclude)).targets(base)
     base_state = base.state_dict()
     lora: dict[str, Tensor] = {}
-    errors, untouched = [], 0.0
+    errors, untouched, carried = [], 0.0, 0
     target_weights = {f"{t}.weight" for t in targets}
     for key, value in base_state.items():
-        new = trained[key].float()
+        delta = trained[key].float() - value.float()
         if key in target_weights:
-            delta = new - value.float()
             if delta.abs().max() <= 1e-12:
                 continue
             a, b, err = lora_factors(delta, rank)
@@ -56,14 +60,21 @@ def extract_lora(model: PhaseModel, rank: int) -> tuple[dict[str, Tensor], dict[
             lora[f"{model.network_folder}.{name}.lora_A.weight"] = a
             lora[f"{model.network_folder}.{name}.lora_B.weight"] = b
             errors.append(err)
-        else:
-            untouched = max(untouched, float((new - value.float()).abs().max()))
+        elif delta.numel() and delta.abs().max() > 0:
+            name, _, kind = key.rpartition(".")
+            if diffs and kind in ("weight", "bias"):
+                lora[f"{model.network_folder}.{name}.{'diff' if kind == 'weight' else 'diff_b'}"] = delta.contiguous()
+                carried += 1
+            else:
+                untouched = max(untouched, float(delta.abs().max()))
     info = {
         "rank": rank,
         "layers": len(errors),
         "max_relative_error": max(errors, default=0.0),
         "max_change_outside_lora": untouched,
     }
+    if diffs:
+        info["diff_weights"] = carried
     if info["max_relative_error"] > 1e-3:
         log.warning(
             "LoRA export: rank %d leaves a relative error of up to %.3g (the merged LoRAs of the run add up to a "
@@ -72,18 +83,23 @@ def extract_lora(model: PhaseModel, rank: int) -> tuple[dict[str, Tensor], dict[
         )
     if untouched > 0:
         log.warning(
-            "LoRA export: weights outside the LoRA targets changed (up to %.3g) and are not in the LoRA; "
-            "export --format diffusers keeps them", untouched,
+            "LoRA export: weights outside the LoRA targets changed (up to %.3g) and are not in the file; "
+            "export --format diffusers (or --format comfyui, which carries them as differences) keeps them", untouched,
         )
     return lora, info
 
 
 def to_comfyui(lora: dict[str, Tensor]) -> dict[str, Tensor]:
     """kohya/ComfyUI names: ``lora_unet_<path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha``
-    for UNets; ``lora_transformer_<diffusers path with _>`` for transformers (ComfyUI maps diffusers names)."""
+    for UNets; ``lora_transformer_<diffusers path with _>`` for transformers (ComfyUI maps diffusers names); a
+    whole difference keeps its ``.diff`` / ``.diff_b`` suffix on the layer's name."""
     out: dict[str, Tensor] = {}
     for key, value in lora.items():
         folder, rest = key.split(".", 1)
+        if rest.endswith((".diff", ".diff_b")):
+            name, kind = rest.rsplit(".", 1)
+            out[f"lora_{folder}_" + name.replace(".", "_") + f".{kind}"] = value
+            continue
         name, kind = rest.rsplit(".lora_", 1)
         base = f"lora_{folder}_" + name.replace(".", "_")
         if kind == "A.weight":

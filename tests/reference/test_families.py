@@ -307,6 +307,43 @@ def test_sd3_lora_export_fuses_into_the_trained_transformer(sd3_run, tiny_sd3, t
     assert keys and all(k.startswith("lora_transformer_transformer_blocks_") for k in keys)
 
 
+def test_a_full_runs_comfyui_file_carries_every_weight_the_run_changed(flux_run, tiny_flux, tmp_path):
+    """A full run changes biases, norms and embeddings a LoRA does not reach: the ComfyUI file carries them as whole
+    differences (``.diff``, ``.diff_b``), so that base + every LoRA product + every difference is the trained
+    network, key by key, under the kohya names ComfyUI maps (``lora_transformer_<diffusers path with _>``)."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from lightning_distill.run_folder import RunFolder
+    from lightning_distill.utils.tensors import strip_prefix
+
+    out = tmp_path / "comfy"
+    result = run_cli("export", str(flux_run), "--format", "comfyui", "--rank", "64", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "lightning_distill.json").read_text())
+    assert meta["max_change_outside_lora"] == 0 and meta["diff_weights"] > 0
+    comfy = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    base = FluxTransformer2DModel.from_pretrained(str(tiny_flux), subfolder="transformer").state_dict()
+    folder = RunFolder(flux_run)
+    trained = strip_prefix(folder.artifact(folder.pick()), "student.net.transformer.")
+    names = {"lora_transformer_" + k.rpartition(".")[0].replace(".", "_"): k.rpartition(".")[0] for k in base}
+    assert len(names) == len({k.rpartition(".")[0] for k in base})  # the kohya names are unambiguous
+    rebuilt = {k: v.clone().float() for k, v in base.items()}
+    for key, value in comfy.items():
+        kohya, _, kind = key.partition(".")
+        name = names[kohya]
+        if kind == "lora_down.weight":
+            up = comfy[f"{kohya}.lora_up.weight"]
+            scale = float(comfy[f"{kohya}.alpha"]) / value.shape[0]
+            rebuilt[f"{name}.weight"] += scale * (up.flatten(1) @ value.flatten(1)).reshape(base[f"{name}.weight"].shape)
+        elif kind in ("diff", "diff_b"):
+            rebuilt[f"{name}.{'weight' if kind == 'diff' else 'bias'}"] += value
+    changed = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert any(k.endswith(".bias") for k in changed) and any("norm" in k for k in changed)
+    for k in base:
+        assert torch.allclose(rebuilt[k], trained[k].float(), atol=1e-5), k
+
+
 def test_sd15_recipe_trains_and_exports_to_the_sd_pipeline(tiny_sd15, images, tmp_path_factory, tmp_path):
     from lightning_distill.inference.sample import sample_exported, sample_run
 

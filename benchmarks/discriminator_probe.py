@@ -2,7 +2,8 @@
 
 Trains ``recipes/tiny/probes/discriminator.yaml`` (one 8-step MSE student, then probe stages that train the
 discriminator alone against it) and prints, per probe, the discriminator's accuracy (``d/accuracy``: 0.5 is
-chance) and loss early, midway and late. A finished run folder is only read again.
+chance), its pair accuracy (``d/pair_accuracy``: how often the teacher's sample scores above the student's from
+the same x_t, the ranking a relativistic loss learns) and its loss early, midway and late. A finished run folder is only read again.
 
     python benchmarks/discriminator_probe.py [--recipe recipes/tiny/probes/discriminator_flow.yaml] [--out DIR] [KEY=VALUE ...]
 """
@@ -47,10 +48,13 @@ def main() -> None:
         phase = tag[: -len("/d/accuracy")]
         accuracy = windows([(e.step, e.value) for e in events.Scalars(tag)])
         loss = windows([(e.step, e.value) for e in events.Scalars(f"{phase}/loss/discriminator")])
+        pair_tag = f"{phase}/d/pair_accuracy"  # runs from before the instrument lack it
+        pair = windows([(e.step, e.value) for e in events.Scalars(pair_tag)]) if pair_tag in tags else {}
         rows.append({"probe": phase, **{f"accuracy {k}": v for k, v in accuracy.items()},
+                     **{f"pair accuracy {k}": v for k, v in pair.items()},
                      **{f"D loss {k}": v for k, v in loss.items()}})
     recipe = Path(args.recipe).resolve()
-    which = [] if recipe == RECIPE else ["--recipe", str(recipe.relative_to(ROOT))]
+    which = [] if recipe == RECIPE else ["--recipe", str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)]
     command = " ".join(["python benchmarks/discriminator_probe.py", *which, *(f"'{o}'" for o in args.overrides)])
     import torch
 

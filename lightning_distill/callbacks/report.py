@@ -17,8 +17,17 @@ from lightning_distill.utils.files import write_atomically
 
 ACCURACY = "d/accuracy"
 """The discriminator step's log of how often it tells teacher from student (0.5: chance)."""
+PAIR_ACCURACY = "d/pair_accuracy"
+"""The discriminator step's log of how often it scores the teacher's sample above the student's from the same x_t."""
 GAP = "mse_to_teacher"
 """The student step's log of its mean squared distance to the teacher's target."""
+
+
+WINDOWS = (("d_accuracy_warmup", ACCURACY, "warm"), ("d_accuracy_end", ACCURACY, "end"),
+           ("d_pair_accuracy_warmup", PAIR_ACCURACY, "warm"), ("d_pair_accuracy_end", PAIR_ACCURACY, "end"),
+           ("student_teacher_gap", GAP, "end"))
+"""The instruments of an adversarial phase: its row key, the log it averages, and over which window."""
+SLOTS = 2 * len(WINDOWS)
 
 
 def instrument_windows(phase: Any) -> tuple[range, range]:
@@ -35,9 +44,9 @@ def instrument_windows(phase: Any) -> tuple[range, range]:
 class Report(Callback):
     """Samples the teacher and each listed stage's student on the same prompts and noise and scores them
     (see :mod:`lightning_distill.eval.evaluate`). Runs on rank 0 after the last phase, also when a finished run is
-    started again. During training it records, per adversarial phase, the discriminator's accuracy at the end of
-    its warm-up and at the end of the phase, and the student's distance to its teacher (``instruments.json``, a
-    table in the report)."""
+    started again. During training it records, per adversarial phase, the discriminator's accuracy and pair
+    accuracy at the end of its warm-up and at the end of the phase, and the student's distance to its teacher
+    (``instruments.json``, a table in the report)."""
 
     Config = EvalConfig
 
@@ -46,7 +55,7 @@ class Report(Callback):
         self.out_dir = Path(out_dir)
         self.rows: list[dict[str, Any]] = []
         self._phase: str | None = None
-        self._sums = torch.zeros(6)  # accuracy sum and count at warm-up end, at phase end; gap sum and count
+        self._sums = torch.zeros(SLOTS)  # (sum, count) per instrument and window, in the order of WINDOWS
 
     @staticmethod
     def check(config: EvalConfig, phases: list[Any]) -> None:
@@ -55,14 +64,15 @@ class Report(Callback):
     # -- instruments ----------------------------------------------------------------------------------------
     def on_phase_start(self, *, phase: Any, **_: Any) -> None:
         if self._phase != phase.name:  # not resumed inside this phase
-            self._phase, self._sums = phase.name, torch.zeros(6)
+            self._phase, self._sums = phase.name, torch.zeros(SLOTS)
 
     def on_step_end(self, *, phase: Any, step: int, logs: dict[str, torch.Tensor], **_: Any) -> None:
         if "discriminator" not in phase.optimizers:
             return
         i = step - 1 - phase.start
         warm, end = instrument_windows(phase)
-        for slot, key, window in ((0, ACCURACY, warm), (2, ACCURACY, end), (4, GAP, end)):
+        for slot, (_, key, which) in enumerate(WINDOWS):
+            slot, window = 2 * slot, warm if which == "warm" else end
             if key in logs and i in window:
                 value = logs[key].detach().float().reshape(())
                 if self._sums.device != value.device:  # summed where the logs live: no host sync per step
@@ -81,8 +91,7 @@ class Report(Callback):
         def mean(total: torch.Tensor, count: torch.Tensor) -> float | None:
             return round(float(total / count), 4) if count > 0 else None
 
-        row = {"phase": phase.name, "d_accuracy_warmup": mean(sums[0], sums[1]), "d_accuracy_end": mean(sums[2], sums[3]),
-               "student_teacher_gap": mean(sums[4], sums[5])}
+        row = {"phase": phase.name, **{name: mean(sums[2 * i], sums[2 * i + 1]) for i, (name, _, _) in enumerate(WINDOWS)}}
         path = self.out_dir / "instruments.json"
         if path.is_file():  # earlier phases, also those of the run before a resume (callback state is per phase)
             self.rows = [r for r in json.loads(path.read_text())["phases"] if r["phase"] not in {x["phase"] for x in self.rows}] + self.rows
@@ -95,7 +104,10 @@ class Report(Callback):
         return {"rows": self.rows, "phase": self._phase, "sums": self._sums.cpu().tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows, self._phase, self._sums = state["rows"], state["phase"], torch.tensor(state["sums"])
+        sums = torch.tensor(state["sums"])
+        if len(sums) < SLOTS:  # a checkpoint from before the pair accuracy: its instruments, none of that one
+            sums = torch.cat([sums[:4], torch.zeros(SLOTS - len(sums)), sums[4:]])
+        self.rows, self._phase, self._sums = state["rows"], state["phase"], sums
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def on_fit_end(self, *, fabric: Any, recipe: Any, **_: Any) -> None:

@@ -190,7 +190,9 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
                    "a1-cond", "a1-uncond"]
     assert [d["phase"] for d in tree["discriminator"]] == adversarial
     for d in tree["discriminator"]:
-        assert set(d) == {"phase", "d_accuracy_warmup", "d_accuracy_end", "student_teacher_gap"}
+        assert set(d) == {"phase", "d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end",
+                          "student_teacher_gap"}
+        assert 0.0 <= d["d_pair_accuracy_warmup"] <= 1.0 and 0.0 <= d["d_pair_accuracy_end"] <= 1.0
         assert 0.0 <= d["d_accuracy_warmup"] <= 1.0 and 0.0 <= d["d_accuracy_end"] <= 1.0 and d["student_teacher_gap"] >= 0
     report = (out / "report.md").read_text()
     assert "| lightning | 1 |" in report and "samples/lightning-1step.png" in report

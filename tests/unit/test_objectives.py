@@ -135,11 +135,13 @@ def _method(*overrides):
     return recipe, phases, recipe.method.build(phases=phases, codec=recipe.codec.build(), seed=0)
 
 
-def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_path):
+def _adversarial_phase(tmp_path, *overrides):
+    """The method set up for its first adversarial phase (after an MSE phase), and a batch of 4."""
+    from torch.utils.data import default_collate
+
     from lightning_distill.engine.artifacts import Artifacts
 
-    recipe, phases, method = _method("method.adversarial_loss.name=rpgan",
-                                     "method.regularizers=[{name: r1, weight: 0.5, every: 2}, {name: approx_r1}]")
+    recipe, phases, method = _method(*overrides)
     artifacts = Artifacts(tmp_path, None, {p.index: p.name for p in phases})
     artifacts.fabric = type("F", (), {"is_global_zero": True, "barrier": lambda self: None})()
     method.attach(method.build_phase(phases[0], artifacts))
@@ -147,10 +149,34 @@ def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_pa
     artifacts.save(0, method.artifact())
     phase = phases[1]
     method.attach(method.build_phase(phase, artifacts))
-    batch = recipe.data.build(seed=0)
-    from torch.utils.data import default_collate
+    data = recipe.data.build(seed=0)
+    return method, phase, default_collate([data[i] for i in range(4)])
 
-    batch = default_collate([batch[i] for i in range(4)])
+
+def test_pair_accuracy_reads_the_ranking_that_an_offset_hides_from_accuracy(tmp_path):
+    """``d/accuracy`` thresholds each logit at 0; ``d/pair_accuracy`` compares each teacher sample's logit with
+    the student sample's made from the same x_t. A discriminator whose logits are all shifted above 0 is at
+    chance by the first and ranks by the second."""
+    method, phase, batch = _adversarial_phase(tmp_path)
+    seen = []
+
+    class Shifted(nn.Module):  # a fixed function of the judged latents, shifted so that every logit is positive
+        def forward(self, x, t_prev, cond, x_t=None, t=None):
+            seen.append(x.flatten(1).mean(1) + 100.0)
+            return seen[-1]
+
+    method.modules["discriminator"] = Shifted()
+    torch.manual_seed(3)
+    _, logs = method.training_step(method.prepare(batch, phase.start), "discriminator")
+    real, fake = seen
+    assert float(logs["d/accuracy"]) == 0.5
+    assert float(logs["d/pair_accuracy"]) == pytest.approx(float((real > fake).float().mean()))
+    assert 0 < float(logs["d/pair_accuracy"]) < 1  # the student's samples differ from the teacher's, both ways
+
+
+def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_path):
+    method, phase, batch = _adversarial_phase(tmp_path, "method.adversarial_loss.name=rpgan",
+                                              "method.regularizers=[{name: r1, weight: 0.5, every: 2}, {name: approx_r1}]")
     losses = {}
     for step in (phase.start, phase.start + 1):  # disc steps 0 (r1 due) and 1 (not due)
         torch.manual_seed(3)

@@ -30,6 +30,9 @@ class Codec(nn.Module):
     """Whether classifier-free guidance's unconditional input is zero text embeddings (SDXL's
     ``force_zeros_for_empty_prompt``) or, when False, the encoding of the empty caption (SD1.5, SD3): then
     ``encode_text([""])`` gives it, as the family's pipeline computes its negative prompt."""
+    cached_null: dict[str, Tensor] | None = None
+    """The empty caption's conditioning a cache of this codec holds (set by the cached data when the recipe turns
+    the text encoders off): guidance's unconditional input then comes from it."""
     null_keeps: tuple[str, ...] = ("time_ids",)
     """Conditioning entries that guidance's unconditional input keeps as they are (not text: SDXL's ``time_ids``;
     a plugin's attention masks or size inputs); every other entry is nulled as ``zero_null`` says."""
@@ -68,7 +71,9 @@ def null_conditioning(codec: Codec, height: int, width: int, device: Any) -> dic
     if codec.zero_null or not codec.has_text:
         return None
     keeps = set(codec.null_keeps)
-    return {k: v for k, v in codec.caption_conditioning([""], height, width, device).items() if k not in keeps}
+    cached = getattr(codec, "cached_null", None)  # a cache's, handed over when the text encoders are off
+    null = {k: v.to(device) for k, v in cached.items()} if cached is not None else codec.caption_conditioning([""], height, width, device)
+    return {k: v for k, v in null.items() if k not in keeps}
 
 
 def batch_conditioning(batch: dict[str, Any], codec: Codec) -> dict[str, Tensor]:

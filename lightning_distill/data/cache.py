@@ -19,13 +19,23 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from lightning_distill.utils.files import publish, write_atomically
 from lightning_distill.errors import UserError
 from lightning_distill.config.registry import DATA
+
+NULL_FILE = "null.safetensors"
+"""The empty caption's conditioning in a cache folder."""
+
+
+def _save_atomically(path: Path, tensors: dict[str, Tensor]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(tensors, str(tmp))
+    publish(tmp, path)
+
 
 @DATA.register("cached")
 class Cached(Dataset):
@@ -57,10 +67,25 @@ class Cached(Dataset):
                 keys = sorted(f.keys())
         self.keys: list[str] = list(keys)
         """The entries of each row: ``latents`` and the conditioning the codec gave."""
+        null = self.root / NULL_FILE
+        self.null: dict[str, Tensor] | None = load_file(str(null)) if null.is_file() else None
+        """The empty caption's conditioning, as the codec gave it when caching (guidance's unconditional input
+        for a codec that encodes it, ``zero_null = False``); None in caches written before it was kept."""
 
     def check_codec(self, codec: Any, device: Any = "cpu") -> None:
-        """The recipe's codec must not give conditioning the cache lacks (its network takes every entry)."""
+        """The recipe's codec must not give conditioning the cache lacks (its network takes every entry). With its
+        text encoders off (``codec.text_encoders: false``, the point of a cache), the codec is handed the empty
+        caption's encoding the cache holds, which guidance needs where the family encodes it."""
         if not getattr(codec, "has_text", False):
+            return
+        if getattr(getattr(codec, "config", None), "text_encoders", True) is False:
+            if not getattr(codec, "zero_null", True):
+                if self.null is None:
+                    raise UserError(f"data.root: the cache in {self.root} holds no encoding of the empty caption "
+                                    f"({NULL_FILE}), which guidance needs with codec {type(codec).__name__} and its "
+                                    "text encoders off; cache the data again (lightning-distill cache), or set "
+                                    "codec.text_encoders: true")
+                codec.cached_null = self.null
             return
         shape = self[0]["latents"].shape
         f = getattr(codec, "scale_factor", 1)
@@ -151,6 +176,9 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
                 with torch.no_grad():
                     rows.setdefault("latents", []).append(codec.encode(pixels).cpu())
                     cond = codec.caption_conditioning(list(batch["caption"]), *pixels.shape[-2:], device, time_ids)
+                    if not (out / NULL_FILE).is_file():  # guidance's empty caption, for training without the encoders
+                        null = codec.caption_conditioning([""], *pixels.shape[-2:], device)
+                        _save_atomically(out / NULL_FILE, {k: v.cpu().contiguous() for k, v in null.items()})
                 for k, v in cond.items():  # everything the family's network takes: text, pooled, time_ids, ...
                     rows.setdefault(k, []).append(v.cpu())
             tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}

@@ -74,7 +74,8 @@ def test_components_command_lists_fields_and_plugins(cli):
     assert result.returncode == 0, result.stderr
     assert "ns_gan_smooth" in result.stdout and "real_label: float = 0.9" in result.stdout
     assert "rpgan" in result.stdout and "lsgan" in result.stdout
-    assert "plugins: extras" in result.stdout
+    plugins = next(line for line in result.stdout.splitlines() if line.startswith("plugins: "))
+    assert "extras (lightning_distill_extras)" in plugins
 
 
 def _l1_loss_module(name: str) -> str:

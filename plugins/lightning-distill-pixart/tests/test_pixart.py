@@ -190,18 +190,31 @@ def test_lora_and_comfyui_exports_are_refused_naming_the_format_that_loads(run, 
     assert not (tmp_path / fmt).exists()
 
 
-def test_the_cache_keeps_the_mask_and_training_reads_it(tiny_pixart, images, tmp_path):
+def test_the_cache_keeps_the_mask_and_guidance_trains_from_it_without_the_text_encoder(family, tiny_pixart, images,
+                                                                                     tmp_path):
+    """The cache holds every entry the codec gives (the mask too) and the empty caption's encoding, which guidance
+    needs when a run trains from the cache with the text encoder off (a cache written before it was kept is
+    refused at start, naming the fix)."""
     from safetensors.torch import load_file
+
+    from lightning_distill.codecs.base import null_conditioning
 
     common = [f"codec.pretrained={tiny_pixart}", f"data.root={images}", "data.resolution=32", "train.batch_size=2"]
     result = run_cli("cache", str(RECIPE), "--out", str(tmp_path / "cache"), *common)
     assert result.returncode == 0, result.stderr[-3000:]
     shard = load_file(str(tmp_path / "cache" / "shard-00000.safetensors"))
     assert set(shard) == {"latents", "text", "mask"} and shard["mask"].shape[-1] == 300
-    result = run_cli("train", str(RECIPE), "--out", str(tmp_path / "run"), *_overrides(tiny_pixart, images),
-                     f"data={{name: cached, root: {tmp_path / 'cache'}}}", "codec.text_encoders=false",
-                     "schedule.stages=[{name: s32, teacher_steps: 4, student_steps: 2, phases: [{kind: mse, steps: 1, guidance: 4.5}]}]")
+    null = load_file(str(tmp_path / "cache" / "null.safetensors"))
+    expected = null_conditioning(family[1], 32, 32, "cpu")
+    assert set(null) == set(expected) and all(torch.allclose(null[k], expected[k], atol=1e-6) for k in null)
+    train = ["train", str(RECIPE), *_overrides(tiny_pixart, images), f"data={{name: cached, root: {tmp_path / 'cache'}}}",
+             "codec.text_encoders=false",
+             "schedule.stages=[{name: s32, teacher_steps: 4, student_steps: 2, phases: [{kind: mse, steps: 1, guidance: 4.5}]}]"]
+    result = run_cli(*train, "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
+    (tmp_path / "cache" / "null.safetensors").unlink()
+    result = run_cli(*train, "--out", str(tmp_path / "old"))
+    assert result.returncode == 2 and "empty caption" in result.stderr and not (tmp_path / "old").exists()
 
 
 def test_plan_runs_offline_from_the_registered_configs():

@@ -167,7 +167,8 @@ def test_cache_round_trip_gives_the_same_loss_as_images(tiny_sdxl, tmp_path):
     assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == first  # finished shards are skipped
 
     losses = {}
-    for source, extra in (("images", []), ("cache", ["data={name: cached, root: " + str(cache) + "}"])):
+    # from the cache with the text encoders off, as the 24 GB recipe trains
+    for source, extra in (("images", []), ("cache", ["data={name: cached, root: " + str(cache) + "}", "codec.text_encoders=false"])):
         out = tmp_path / source
         result = run_cli("train", str(recipe), "--out", str(out), *args, *one_phase, *extra)
         assert result.returncode == 0, result.stderr[-3000:]

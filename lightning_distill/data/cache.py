@@ -31,9 +31,10 @@ NULL_FILE = "null.safetensors"
 """The empty caption's conditioning in a cache folder."""
 
 
-def _save_atomically(path: Path, tensors: dict[str, Tensor]) -> None:
+def _save_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written beside ``path`` as ``.tmp-NAME`` and published under its name."""
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=metadata)
     publish(tmp, path)
 
 
@@ -142,6 +143,7 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
     write_atomically(stamp, json.dumps(fingerprint, indent=2))
     load = getattr(dataset, "load", dataset.__getitem__)  # None for a sample that cannot be decoded
     shards = []
+    null_kept = (out / NULL_FILE).is_file()
     with tqdm(total=n, unit="img", desc=f"caching into {out}") as bar:
         for start in range(0, n, shard_size):
             name = f"shard-{start // shard_size:05d}.safetensors"
@@ -176,15 +178,14 @@ def build_cache(recipe: Any, out: Path, shard_size: int = 1000, batch_size: int 
                 with torch.no_grad():
                     rows.setdefault("latents", []).append(codec.encode(pixels).cpu())
                     cond = codec.caption_conditioning(list(batch["caption"]), *pixels.shape[-2:], device, time_ids)
-                    if not (out / NULL_FILE).is_file():  # guidance's empty caption, for training without the encoders
+                    if not null_kept:  # guidance's empty caption, for training without the encoders: once
                         null = codec.caption_conditioning([""], *pixels.shape[-2:], device)
                         _save_atomically(out / NULL_FILE, {k: v.cpu().contiguous() for k, v in null.items()})
+                        null_kept = True
                 for k, v in cond.items():  # everything the family's network takes: text, pooled, time_ids, ...
                     rows.setdefault(k, []).append(v.cpu())
             tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
-            tmp = out / f".tmp-{name}"
-            save_file(tensors, str(tmp), metadata={"span": f"{start}-{stop}", "skipped": json.dumps(skipped)})
-            publish(tmp, path)
+            _save_atomically(path, tensors, {"span": f"{start}-{stop}", "skipped": json.dumps(skipped)})
             shards.append({"file": name, "count": int(tensors["latents"].shape[0]) if tensors else 0})
     report = dataset.report() if hasattr(dataset, "report") else None
     if not any(s["count"] for s in shards):

@@ -192,6 +192,32 @@ def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_pa
     assert "loss/generator" in logs and torch.isfinite(loss)
 
 
+def test_the_regression_anchor_adds_its_weight_times_the_distance_to_the_teachers_step(tmp_path):
+    """``regression_weight``: the student's loss is the adversarial loss plus the weight times the regression to the
+    teacher's x_{t-ns}, and that term's gradient reaches the student (checked against the gradient of the MSE
+    alone); 0 leaves the paper's pure adversarial loss. An MSE phase refuses the option."""
+    losses, grads = {}, {}
+    for weight in (0.0, 2.0):
+        torch.manual_seed(0)  # the same fresh discriminator for both
+        method, phase, batch = _adversarial_phase(tmp_path / str(weight),
+                                                  f"schedule.stages.1.phases.0.regression_weight={weight}")
+        torch.manual_seed(3)
+        prepared = method.prepare(batch, phase.end - 1)
+        student = method.modules["student"]
+        loss, logs = method.training_step(prepared, "student")
+        losses[weight] = (float(loss.detach()), float(logs["loss/generator"]), float(logs["mse_to_teacher"]))
+        grads[weight] = torch.autograd.grad(loss, list(student.parameters()))
+        mse = method.regression(method._student_step(prepared), prepared["target"])
+        grads["mse"] = torch.autograd.grad(mse, list(student.parameters()))
+    (l0, g0, m0), (l2, g2, m2) = losses[0.0], losses[2.0]
+    assert l0 == pytest.approx(g0) and (g0, m0) == pytest.approx((g2, m2), rel=1e-6)
+    assert l2 == pytest.approx(g2 + 2.0 * m2, rel=1e-6) and m2 > 0
+    for a, b, m in zip(grads[0.0], grads[2.0], grads["mse"]):
+        torch.testing.assert_close(b - a, 2.0 * m, rtol=1e-4, atol=1e-7)
+    with pytest.raises(Exception, match="regression_weight apply to adversarial phases only"):
+        load_recipe(DEBUG_RECIPE, ["schedule.stages.0.phases.0.regression_weight=1"]).recipe.schedule.build().phases()
+
+
 def _ema_run(callback, weights, phase):
     """Phase start, then each weight vector as the live weights after a step, then the phase's result."""
     net = nn.Linear(1, 2, bias=False)

@@ -40,6 +40,8 @@ class LadderOptions:
     """The phase's adversarial loss (None: the method's)."""
     regularizers: tuple[Spec, ...] | None = None
     """The phase's discriminator regularisers (None: the method's)."""
+    regression_weight: float = 0.0
+    """adversarial: weight of the regression to the teacher's step added to the student's loss."""
 
     @property
     def renoises(self) -> bool:
@@ -96,6 +98,10 @@ class PhaseConfig:
     from one start in one recipe)."""
     regularizers: list[component("regularizer")] | None = None  # type: ignore[valid-type]
     """adversarial: this phase's discriminator regularisers instead of ``method.regularizers`` ([]: none)."""
+    regression_weight: NonNegativeFloat = 0.0
+    """adversarial: adds this weight times ``method.regression_loss`` between the student's and the teacher's
+    x_{t-ns} to the student's adversarial loss (as ADD adds its distillation loss): an anchor that keeps the student
+    on its teacher's trajectory while the discriminator sharpens it. 0: the paper's pure adversarial loss."""
     name: str | None = None
     """Defaults to ``{stage}-{kind}`` (``-cond``/``-uncond`` for adversarial, ``-lora`` for LoRA)."""
 
@@ -186,8 +192,10 @@ class Ladder:
                 optimizers = {"student": student}
                 if p.kind != "adversarial" and (p.discriminator_warmup or p.student_every > 1):
                     raise UserError(f"{where}: discriminator_warmup and student_every apply to adversarial phases only")
-                if p.kind != "adversarial" and (p.adversarial_loss is not None or p.regularizers is not None):
-                    raise UserError(f"{where}: adversarial_loss and regularizers apply to adversarial phases only")
+                if p.kind != "adversarial" and (p.adversarial_loss is not None or p.regularizers is not None
+                                                or p.regression_weight):
+                    raise UserError(f"{where}: adversarial_loss, regularizers and regression_weight apply to "
+                                    "adversarial phases only")
                 steps = max(1, round(p.steps * self.config.steps_scale))
                 if p.kind == "adversarial":
                     warmup = round(p.discriminator_warmup * self.config.steps_scale)  # scaled with the phase
@@ -221,6 +229,7 @@ class Ladder:
                     renoise_scale=p.renoise_scale,
                     adversarial_loss=p.adversarial_loss,
                     regularizers=tuple(p.regularizers) if p.regularizers is not None else None,
+                    regression_weight=p.regression_weight,
                 )
                 specs.append((p.name or f"{stage.name}-{suffix}", stage.name, p.kind, steps, optimizers, options))
             seen.append(stage.name)

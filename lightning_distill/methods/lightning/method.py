@@ -359,9 +359,16 @@ class ProgressiveDistillation(Method):
             with torch.no_grad():
                 real_logits = self._discriminate(batch["target"], batch)
         loss = self.adversarial.generator_loss(self._discriminate(fake, batch), real_logits)
-        with torch.no_grad():
+        logs = {"loss/generator": loss.detach()}
+        weight = self.phase.options.regression_weight
+        if weight:  # an anchor to the teacher's step beside the adversarial loss (ADD's distillation term)
             gap = self.regression(fake, batch["target"])
-        return loss, {"loss/generator": loss.detach(), "mse_to_teacher": gap}
+            loss = loss + weight * gap
+            gap = gap.detach()
+        else:
+            with torch.no_grad():
+                gap = self.regression(fake, batch["target"])
+        return loss, {**logs, "mse_to_teacher": gap}
 
     def _discriminator_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():

@@ -132,3 +132,44 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_keeps_to_its_budget(tmp_path):
     short = gpu.main(["--dry-run", "--budget", "0", "--no-record", "--parts", "plan", "tiny"])
     assert short["parts"] == {"plan": [], "tiny": []}
     assert any(s.startswith("lora_24gb.yaml: phase") for s in short["skipped"]) and any("pytest" in s for s in short["skipped"])
+
+
+@pytest.mark.slow  # a few minutes on 2 cores
+def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_path):
+    """benchmarks/stage_probe.py: the phases before the probed stage are the finished run's, byte for byte, and not
+    trained again; the stage trains as the probe recipe says; a recipe whose earlier stages differ is refused."""
+    import json
+    import subprocess
+
+    runs = tmp_path / "runs"
+    small = ["schedule.steps_scale=0.02", "train.batch_size=4"]
+    report = ["callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]", "callbacks.2.teacher.unguided=false",
+              "callbacks.2.grid=4"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--seeds", "0", "--out", str(runs),
+                           "--json", str(tmp_path / "f.json"), "--no-record", *small, *report],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe_report = ["callbacks.0.samples=64", "callbacks.0.teacher.steps=[4]", "callbacks.0.grid=4"]
+    for name in ("stage_l1", "stage_l1_paper"):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stage_probe.py"), "--runs", str(runs),
+                               "--recipe", str(ROOT / "recipes" / "tiny" / "probes" / f"{name}.yaml"), "--out", str(out),
+                               "--seeds", "0", "--no-record", *small, *probe_report],
+                              capture_output=True, text=True, cwd=ROOT, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        phases = sorted(p.name for p in (out / "seed-0" / "phases").glob("*.safetensors"))
+        before = ["00-s8-mse", "01-l4-cond", "02-l4-uncond", "03-l2-cond", "04-l2-uncond"]
+        stage = ["05-l1-mse", "06-l1-cond", "07-l1-uncond"] if name == "stage_l1" else ["05-l1-cond", "06-l1-uncond"]
+        assert phases == [f"{p}.safetensors" for p in before + stage]
+        for p in before:  # copied, not trained again
+            assert (out / "seed-0" / "phases" / f"{p}.safetensors").read_bytes() == \
+                (runs / "seed-0" / "phases" / f"{p}.safetensors").read_bytes()
+        rows = json.loads((out / "seed-0" / "metrics.json").read_text())["results"]
+        assert [(r["model"], r["steps"]) for r in rows if r["model"] != "teacher"] == [("lightning", 1)]
+        assert "| lightning | 1 | 1 |" in done.stdout and "fd per seed" in done.stdout
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stage_probe.py"), "--runs", str(runs), "--recipe",
+                           str(ROOT / "recipes" / "tiny" / "probes" / "stage_l1.yaml"), "--out", str(tmp_path / "other"),
+                           "--seeds", "0", "--no-record", "schedule.steps_scale=0.03", "train.batch_size=4"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode != 0 and "must be the run's own" in done.stderr
+    assert not (tmp_path / "other" / "seed-0").exists()

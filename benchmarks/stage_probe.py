@@ -1,0 +1,116 @@
+"""One stage again, from the starts that finished runs left: is a change to a stage larger than the stage's own noise?
+
+A full run per setting costs 10 minutes and mixes a change to the 1-step stage with every stage before it. This
+probe takes the runs ``benchmarks/fidelity.py`` left (``--runs``: one ``seed-N`` folder each) and a probe recipe
+whose ladder is theirs cut after the probed stage (the stages before it unchanged, the last stage as the variant
+wants it: ``recipes/tiny/probes/stage_l1*.yaml``). For each seed it copies the finished phases before the stage into
+a new run folder, marks them done with a checkpoint at the stage's first step (the data loader's state is the
+finished run's last, so the stage sees a fresh stream of batches), trains the stage alone and its report, and
+prints each of the report's student rows per seed and as mean ± sd over the seeds. Two variants of a stage on the
+same seeds start from the same students: a difference between them is the variant's, a spread within one is the
+stage's own. A finished probe folder is only read again.
+
+    python benchmarks/stage_probe.py --runs runs/fidelity --recipe recipes/tiny/probes/stage_l1.yaml \\
+        --out runs/stage-probe/l1 --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import RESULTS, device_name, record
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("fd", "fd_patch", "fd_teacher", "diversity_per_prompt")
+
+
+def prepare(source: Path, out: Path, recipe: Path, overrides: list[str]) -> None:
+    """``out`` as a run of ``recipe`` that finished every phase before its last stage, with ``source``'s results."""
+    import torch
+
+    from lightning_distill.config.recipe import load_recipe
+    from lightning_distill.engine.artifacts import artifact_path
+
+    probe = load_recipe(str(recipe), overrides).recipe.schedule.build().phases()
+    ran = load_recipe(str(source / "recipe.yaml"), []).recipe.schedule.build().phases()
+    stage = probe[-1].stage
+    before = [p for p in probe if p.stage != stage]
+    if not before or any(p.stage == stage for p in probe[: len(before)]):
+        sys.exit(f"{recipe}: the probed stage {stage!r} must be the last stage, after the stages it starts from")
+    for p in before:
+        same = next((q for q in ran if q.index == p.index), None)
+        if same is None or (same.name, same.start, same.end) != (p.name, p.start, p.end):
+            sys.exit(f"{recipe}: phase {p.index} ({p.name}, steps {p.start}-{p.end}) is not the run's in {source} "
+                     f"({same.name + f', steps {same.start}-{same.end}' if same else 'none'}); the stages before "
+                     f"{stage!r} must be the run's own")
+    checkpoints = sorted((source / "checkpoints").glob("step-*"))
+    if not checkpoints or not (source / "metrics.json").is_file():
+        sys.exit(f"{source} is not a finished run (no checkpoint or metrics.json)")
+    out.mkdir(parents=True)
+    (out / "phases").mkdir()
+    for p in before:
+        file = artifact_path(source / "phases", p.index, p.name)
+        for f in (file, file.with_name(file.name + ".json")):
+            if f.is_file():
+                shutil.copy2(f, out / "phases" / f.name)
+    start = before[-1].end
+    mark = out / "checkpoints" / f"step-{start:08d}"
+    mark.mkdir(parents=True)
+    loader = torch.load(checkpoints[-1] / "rank-0.pt", weights_only=True)["loader"]
+    torch.save({"loader": loader}, mark / "rank-0.pt")
+    (mark / "meta.json").write_text(json.dumps(
+        {"phase": before[-1].index, "phase_name": before[-1].name, "step": start, "world_size": 1}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "fidelity"), help="benchmarks/fidelity.py's --out")
+    parser.add_argument("--recipe", required=True, help="a stage probe recipe (recipes/tiny/probes/stage_*.yaml)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    recipe = Path(args.recipe).resolve()
+    rows = []
+    for seed in args.seeds:
+        out = Path(args.out) / f"seed-{seed}"
+        if not (out / "metrics.json").is_file():
+            if out.exists():
+                shutil.rmtree(out)  # an unfinished probe starts over: it is one stage
+            prepare(Path(args.runs) / f"seed-{seed}", out, recipe, [f"seed={seed}", *args.overrides])
+            done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(recipe), "--out", str(out),
+                                   f"seed={seed}", *args.overrides], cwd=ROOT)
+            if done.returncode:
+                sys.exit(done.returncode)
+        tree = json.loads((out / "metrics.json").read_text())
+        for r in tree["results"]:
+            if not r["model"].startswith("teacher"):
+                rows.append({"model": r["model"], "steps": r["steps"], "seed": seed, **{m: r[m] for m in METRICS}})
+                print(f"seed {seed}: {r['model']} {r['steps']} step(s): " + ", ".join(f"{m} {r[m]:.3f}" for m in METRICS))
+    summary = []
+    for key in dict.fromkeys((r["model"], r["steps"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["steps"]) == key]
+        row: dict[str, object] = {"model": key[0], "steps": key[1], "seeds": len(group)}
+        for m in METRICS:
+            values = [float(r[m]) for r in group]
+            row[m] = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+        row["fd per seed"] = ", ".join(f"{r['fd']:.1f}" for r in group)
+        summary.append(row)
+    named = str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)
+    command = " ".join(["python benchmarks/stage_probe.py", "--runs", args.runs, "--recipe", named, "--seeds",
+                        *map(str, args.seeds), *(f"'{o}'" for o in args.overrides)])
+    import torch
+
+    record(f"Stage probe: {recipe.name} from the runs in {Path(args.runs).name} (mean ± sd over seeds)", command,
+           device_name(torch.device("cpu")), summary, None if args.no_record else RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -247,10 +247,11 @@ def _phases(run):
 
 def test_family_recipes_run_every_phase_kind(sd3_run, flux_run):
     assert [p.split("-", 1)[1] for p in _phases(sd3_run)] == [
-        "s32-mse-lora", "s8-cond-lora", "s8-uncond-lora", "s4-cond-lora", "s4-uncond-lora", "s2-cond-lora",
-        "s2-uncond-lora"]
+        "s32-mse-lora", "s8-cond-lora", "s8-uncond-lora", "s4-cond-lora", "s4-uncond-lora", "s2-mse-lora",
+        "s2-cond-lora", "s2-uncond-lora"]
     kinds = [p.split("-", 1)[1] for p in _phases(flux_run)]
-    assert kinds[0] == "s32-mse" and kinds[-1] == "s1-uncond" and "s8-uncond" in kinds and len(kinds) == 12
+    assert kinds[0] == "s32-mse" and kinds[-1] == "s1-uncond" and "s8-uncond" in kinds and len(kinds) == 14
+    assert kinds.index("s2-mse") + 1 == kinds.index("s2-cond-lora") and kinds.index("s1-mse") + 1 == kinds.index("s1-cond")
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -385,7 +385,7 @@ def test_frozen_features_backbone_trains_only_its_head(sd3):
 def test_sd3_recipe_runs_with_the_frozen_feature_discriminator(tiny_sd3, images, tmp_path_factory):
     run = _train("sd3", "lora", tiny_sd3, images, tmp_path_factory,
                  extra=["method.discriminator.backbone={name: frozen_features}", "method.discriminator.head.groups=8"])
-    assert len(_phases(run)) == 7
+    assert len(_phases(run)) == 8  # the LoRA recipe's phases, the 2-step MSE start among them
 
 
 def test_diffusion_method_trains_a_flow_transformer_the_sd3_teacher_loads(tmp_path):

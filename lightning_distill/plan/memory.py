@@ -206,7 +206,9 @@ def fused_attention(dtype: torch.dtype | None = None) -> Iterator[None]:
 
     def fused(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: float | None = None, **kwargs: Any) -> Any:
-        if query.device.type != "meta" or any(kwargs.values()):  # e.g. enable_gqa: the real function
+        # e.g. enable_gqa, or a math-only context (the gradient penalties' double backward): the real function,
+        # which on meta takes the math path the GPU then runs too
+        if query.device.type != "meta" or any(kwargs.values()) or not torch.backends.cuda.flash_sdp_enabled():
             return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, **kwargs)
         if dtype is not None and query.dtype == torch.float32:

@@ -179,6 +179,30 @@ def test_autocast_on_meta_casts_as_torch_autocast_does_and_caches_trained_weight
     assert Autocast(torch.bfloat16).float32 == ("group_norm", "layer_norm", "mse_loss")
 
 
+def test_fused_attention_keeps_the_math_kernel_where_a_penalty_asks_for_it():
+    """Planned attention is the fused kernel, except inside ``sdpa_kernel([MATH])``, where R1/R2's double backward
+    runs (the fused kernels have no second derivative): planning a regularised phase must not fail there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lightning_distill.models.regularizers import gradient_penalty
+    from lightning_distill.plan.memory import fused_attention
+
+    q = torch.randn(1, 2, 4, 8, device="meta", requires_grad=True)
+    with fused_attention():
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        (grad,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="not implemented"):  # the fused kernel: no second derivative
+            grad.sum().backward()
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        (grad,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        grad.sum().backward()
+        assert q.grad is not None and q.grad.shape == q.shape
+        penalty = gradient_penalty(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x).sum((1, 2, 3)),
+                                   torch.randn(2, 2, 4, 8, device="meta"))
+        assert penalty.shape == () and penalty.requires_grad
+
+
 def test_plan_counts_sdxls_published_parameters_and_lora_shares_nothing_yet():
     """The SDXL UNet has 2,567,463,684 parameters (its published config); a LoRA phase freezes the teacher and
     the student's base copy, two of them."""

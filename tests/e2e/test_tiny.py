@@ -135,6 +135,17 @@ def test_branch_from_starts_a_second_ladder():
     assert all(p.steps == max(1, round(phases[p.name].steps * 0.01)) for p in scaled)
 
 
+def test_flow_job_schedule_is_the_main_jobs_but_the_2_step_mse_start():
+    """flow_lightning.yaml copies lightning.yaml's stages (lists replace under extends) to add one phase: the copy
+    must not drift from the main job's schedule in anything else."""
+    main = load_recipe(TINY / "lightning.yaml").resolved["schedule"]
+    flow = load_recipe(TINY / "flow_lightning.yaml").resolved["schedule"]
+    l2 = next(stage for stage in flow["stages"] if stage["name"] == "l2")
+    first = l2["phases"].pop(0)
+    assert first["kind"] == "mse" and first["teacher_from"] == "s8" and first["steps"] == 50
+    assert flow == main
+
+
 def test_branch_from_must_name_an_earlier_stage(tmp_path):
     from lightning_distill.errors import UserError
 

@@ -411,6 +411,30 @@ def test_diffusion_method_trains_a_flow_transformer_the_sd3_teacher_loads(tmp_pa
         assert torch.allclose(teacher.denoiser(x, t, cond), model.denoiser.half().float()(x, t, cond), atol=1e-3)
 
 
+def test_diffusion_method_continues_from_an_exported_teacher(tmp_path):
+    """``method.init``: training starts from an exported folder's network (how a teacher is trained further); with
+    lr 0 the run's model is the folder's; a folder of another configuration is refused before training, by name."""
+    recipe = ROOT / "recipes" / "tiny" / "teacher_flow.yaml"
+    small = ["train.batch_size=4", "train.preview_every=0", "method.transformer.num_layers=2", "callbacks=[]"]
+    first, folder, second = tmp_path / "first", tmp_path / "export", tmp_path / "second"
+    assert run_cli("train", str(recipe), "--out", str(first), "schedule.steps=2", *small).returncode == 0
+    assert run_cli("export", str(first), "--format", "diffusers", "--out", str(folder)).returncode == 0
+    result = run_cli("train", str(recipe), "--out", str(second), "schedule.steps=1", "schedule.lr=0",
+                     f"method.init={folder}", *small)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from lightning_distill.run_folder import RunFolder
+
+    teacher = _build(TEACHERS, "sd3", pretrained=str(folder))
+    model = RunFolder(second).phase_model(RunFolder(second).pick())
+    started = model.denoiser.network.state_dict()
+    for k, v in teacher.denoiser.network.state_dict().items():
+        assert torch.equal(started[k].half(), v.half()), k
+    wrong = run_cli("train", str(recipe), "--out", str(tmp_path / "wrong"), "schedule.steps=1",
+                    f"method.init={folder}", *small[:-2], "method.transformer.num_layers=3", "callbacks=[]")
+    assert wrong.returncode != 0 and "do not fit the network of method.transformer" in wrong.stderr
+    assert not (tmp_path / "wrong" / "checkpoints").exists() or not any((tmp_path / "wrong" / "checkpoints").iterdir())
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
 def test_cache_stores_what_the_familys_network_takes(family, tiny_sd15, tiny_sd3, images, tmp_path):
     """``cache`` with the family's codec: latents and exactly the conditioning the codec gives (SD1.5: text only;

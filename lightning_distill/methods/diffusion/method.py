@@ -65,6 +65,10 @@ class DiffusionTraining(Method):
         preview_steps: PositiveInt = 32
         preview_guidance: float = 3.0
         preview_size: PositiveInt = 8
+        init: str | None = None
+        """A diffusers folder (as ``export --format diffusers`` writes it) whose ``unet/`` or ``transformer/``
+        weights start the training instead of a random network: training a teacher further. Its network must have
+        the configuration given above."""
 
     @staticmethod
     def check(config: Config, phases: list[Phase]) -> None:
@@ -89,7 +93,32 @@ class DiffusionTraining(Method):
     def build_phase(self, phase: Phase, artifacts: ArtifactLoader, empty: bool = False) -> dict[str, nn.Module]:
         self.phase = phase
         with torch.device("meta" if empty else "cpu"):
-            return {"model": self._denoiser().train()}
+            denoiser = self._denoiser()
+        if self.config.init is not None and not empty:
+            self._load_init(denoiser)
+        return {"model": denoiser.train()}
+
+    def _load_init(self, denoiser: nn.Module) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        folder = Path(self.config.init) / ("transformer" if self.config.transformer is not None else "unet")
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"method.init: no *.safetensors in {folder}; give a folder written by "
+                            "'lightning-distill export --format diffusers' (or a diffusers pipeline folder)")
+        state = {k: v for f in files for k, v in load_file(f).items()}
+        network = denoiser.network
+        own = network.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise UserError(f"method.init: the weights in {folder} do not fit the network of method."
+                            f"{'transformer' if self.config.transformer is not None else 'unet'} (missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); give the "
+                            "configuration the folder was trained with")
+        network.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
     def _denoiser(self) -> nn.Module:
         if self.config.transformer is not None:

@@ -8,6 +8,7 @@ such a run writes ``unet/`` and ``scheduler/``, which the ``unet`` teacher loads
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from lightning_distill.models.noise import FlowMatchSchedule, Prediction
 from lightning_distill.errors import UserError
 from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseFacts, PhaseModel
 from lightning_distill.utils.images import to_unit
+from lightning_distill.utils.pretrained import load_pretrained
 from lightning_distill.utils.tensors import strip_prefix
 from lightning_distill.config.registry import METHODS
 from lightning_distill.codecs.base import batch_conditioning, batch_latents
@@ -99,26 +101,22 @@ class DiffusionTraining(Method):
         return {"model": denoiser.train()}
 
     def _load_init(self, denoiser: nn.Module) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        folder = Path(self.config.init) / ("transformer" if self.config.transformer is not None else "unet")
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise UserError(f"method.init: no *.safetensors in {folder}; give a folder written by "
-                            "'lightning-distill export --format diffusers' (or a diffusers pipeline folder)")
-        state = {k: v for f in files for k, v in load_file(f).items()}
+        """Copy ``init``'s network (loaded as teachers are, ``from_pretrained``) into the configured one."""
+        kind = "transformer" if self.config.transformer is not None else "unet"
         network = denoiser.network
+        try:
+            state = load_pretrained(type(network), self.config.init, kind).state_dict()
+        except UserError as err:
+            raise UserError(f"method.init: {err}; give a folder written by 'lightning-distill export --format "
+                            "diffusers' (or a diffusers pipeline folder)") from err
         own = network.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or wrong:
-            raise UserError(f"method.init: the weights in {folder} do not fit the network of method."
-                            f"{'transformer' if self.config.transformer is not None else 'unet'} (missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); give the "
-                            "configuration the folder was trained with")
-        network.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+            raise UserError(f"method.init: the weights in {Path(self.config.init) / kind} do not fit the network of "
+                            f"method.{kind} (missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes "
+                            f"{wrong[:3]}); give the configuration the folder was trained with")
+        network.load_state_dict(state)  # copies into the network's own dtype
 
     def _denoiser(self) -> nn.Module:
         if self.config.transformer is not None:

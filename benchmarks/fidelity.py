@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny" / "lightning.yaml"
 METRICS = ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity", "diversity_per_prompt",
            "coverage")
-INSTRUMENTS = ("d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end", "student_teacher_gap")
+INSTRUMENTS = ("d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end", "d_loss_ratio_warmup",
+               "d_loss_ratio_end", "student_teacher_gap")
 
 
 def summarise(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> list[dict[str, object]]:

@@ -19,13 +19,16 @@ ACCURACY = "d/accuracy"
 """The discriminator step's log of how often it tells teacher from student (0.5: chance)."""
 PAIR_ACCURACY = "d/pair_accuracy"
 """The discriminator step's log of how often it scores the teacher's sample above the student's from the same x_t."""
+LOSS_RATIO = "d/loss_ratio"
+"""The discriminator step's log of its loss over the loss's value at chance (1: it has learnt nothing)."""
 GAP = "mse_to_teacher"
 """The student step's log of its mean squared distance to the teacher's target."""
 
 
 WINDOWS = (("d_accuracy_warmup", ACCURACY, "warm"), ("d_accuracy_end", ACCURACY, "end"),
            ("d_pair_accuracy_warmup", PAIR_ACCURACY, "warm"), ("d_pair_accuracy_end", PAIR_ACCURACY, "end"),
-           ("student_teacher_gap", GAP, "end"))
+           ("student_teacher_gap", GAP, "end"),
+           ("d_loss_ratio_warmup", LOSS_RATIO, "warm"), ("d_loss_ratio_end", LOSS_RATIO, "end"))
 """The instruments of an adversarial phase: its row key, the log it averages, and over which window."""
 SLOTS = 2 * len(WINDOWS)
 
@@ -105,8 +108,10 @@ class Report(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sums = torch.tensor(state["sums"])
-        if len(sums) < SLOTS:  # a checkpoint from before the pair accuracy: its instruments, none of that one
-            sums = torch.cat([sums[:4], torch.zeros(SLOTS - len(sums)), sums[4:]])
+        if len(sums) == 6:  # a checkpoint from before the pair accuracy: its instruments, none of that one
+            sums = torch.cat([sums[:4], torch.zeros(4), sums[4:]])
+        if len(sums) < SLOTS:  # from before the loss ratio (the newest instruments come last)
+            sums = torch.cat([sums, torch.zeros(SLOTS - len(sums))])
         self.rows, self._phase, self._sums = state["rows"], state["phase"], sums
 
     # -- evaluation -----------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ use them, and the method computes them only for those.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -54,6 +56,23 @@ class AdversarialLoss:
     def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
+    def chance(self) -> float:
+        """The discriminator's loss at chance: the least a discriminator that gives every sample the same logit can
+        reach. A discriminator whose loss stays there has learnt nothing, whatever its accuracy says. Found here
+        on a grid of constant logits; the losses below give it exactly."""
+        return chance_loss(self)
+
+
+def chance_loss(loss: object, *, span: float = 20.0, points: int = 4001) -> float:
+    """``loss.chance()`` where the loss defines it, else the least of its ``discriminator_loss`` over constant
+    logits in ``[-span, span]`` (a plugin's loss need not derive from :class:`AdversarialLoss`)."""
+    exact = getattr(type(loss), "chance", None)
+    if exact is not None and exact is not AdversarialLoss.chance:
+        return float(loss.chance())  # type: ignore[attr-defined]
+    with torch.no_grad():
+        return min(float(loss.discriminator_loss(torch.full((1,), c), torch.full((1,), c)))  # type: ignore[attr-defined]
+                   for c in torch.linspace(-span, span, points).tolist())
+
 
 @LOSSES.register("ns_gan")
 class NonSaturatingGAN(AdversarialLoss):
@@ -64,6 +83,9 @@ class NonSaturatingGAN(AdversarialLoss):
 
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
         return F.softplus(-real.float()).mean() + F.softplus(fake.float()).mean()
+
+    def chance(self) -> float:
+        return 2 * math.log(2)  # logit 0
 
     def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
         return F.softplus(-fake.float()).mean()
@@ -81,6 +103,9 @@ class Hinge(AdversarialLoss):
         m = self.config.margin
         return F.relu(m - real.float()).mean() + F.relu(m + fake.float()).mean()
 
+    def chance(self) -> float:
+        return 2 * self.config.margin  # any logit in [-m, m]
+
     def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
         return -fake.float().mean()
 
@@ -97,6 +122,9 @@ class LeastSquares(AdversarialLoss):
 
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
         return (real.float() - self.config.target).square().mean() + fake.float().square().mean()
+
+    def chance(self) -> float:
+        return self.config.target ** 2 / 2  # logit a / 2
 
     def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
         return (fake.float() - self.config.target).square().mean()
@@ -116,6 +144,9 @@ class RelativisticPairing(AdversarialLoss):
 
     def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
         return F.softplus(-(real.float() - fake.float())).mean()
+
+    def chance(self) -> float:
+        return math.log(2)  # equal logits within each pair
 
     def generator_loss(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
         if real is None:

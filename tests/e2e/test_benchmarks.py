@@ -91,7 +91,8 @@ def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
     # the discriminator's instruments of every adversarial phase, per seed, and their table
     phases = {(d["phase"], d["seed"]) for d in tree["discriminator"]}
     assert ("l1-cond", 0) in phases and ("a1-uncond", 1) in phases and len(phases) == 20
-    assert "| phase | seeds | d_accuracy_warmup | d_accuracy_end | d_pair_accuracy_warmup | d_pair_accuracy_end | student_teacher_gap |" in done.stdout
+    assert ("| phase | seeds | d_accuracy_warmup | d_accuracy_end | d_pair_accuracy_warmup | d_pair_accuracy_end | "
+            "d_loss_ratio_warmup | d_loss_ratio_end | student_teacher_gap |") in done.stdout
 
 
 @pytest.mark.slow

@@ -202,7 +202,8 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     assert [d["phase"] for d in tree["discriminator"]] == adversarial
     for d in tree["discriminator"]:
         assert set(d) == {"phase", "d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end",
-                          "student_teacher_gap"}
+                          "d_loss_ratio_warmup", "d_loss_ratio_end", "student_teacher_gap"}
+        assert 0.0 < d["d_loss_ratio_warmup"] < 3.0 and 0.0 < d["d_loss_ratio_end"] < 3.0
         assert 0.0 <= d["d_pair_accuracy_warmup"] <= 1.0 and 0.0 <= d["d_pair_accuracy_end"] <= 1.0
         assert 0.0 <= d["d_accuracy_warmup"] <= 1.0 and 0.0 <= d["d_accuracy_end"] <= 1.0 and d["student_teacher_gap"] >= 0
     report = (out / "report.md").read_text()

@@ -65,6 +65,32 @@ def test_rpgan_pairs_each_real_with_its_fake():
         loss.generator_loss(FAKE)
 
 
+@pytest.mark.parametrize("name, fields, by_hand", [
+    ("ns_gan", {}, 2 * math.log(2)),   # logit 0: -log ½ twice
+    ("hinge", {"margin": 2.0}, 4.0),   # any logit in [-2, 2]: relu(2 - c) + relu(2 + c) = 4
+    ("lsgan", {"target": 0.5}, 0.125),  # logit ¼: (¼ - ½)² + ¼²
+    ("rpgan", {}, math.log(2)),        # equal logits: softplus(0)
+])
+def test_each_losses_chance_is_the_least_loss_of_a_discriminator_that_cannot_tell_samples_apart(name, fields, by_hand):
+    """``chance()``: the loss of the best constant logit, by hand, and no constant on a fine grid does better; the
+    generic search (for a plugin's loss that lacks it) finds the same value."""
+    from lightning_distill.models.losses import chance_loss
+
+    loss = _loss(name, **fields)
+    assert loss.chance() == pytest.approx(by_hand, abs=1e-9)
+    grid = torch.linspace(-8, 8, 16001)
+    least = min(float(loss.discriminator_loss(torch.full((2,), c), torch.full((2,), c))) for c in grid.tolist())
+    assert least == pytest.approx(by_hand, abs=1e-6)
+
+    class Plugin:  # a third-party loss with only the registry's contract
+        adversarial = True
+
+        def discriminator_loss(self, real, fake):
+            return loss.discriminator_loss(real, fake)
+
+    assert chance_loss(Plugin()) == pytest.approx(by_hand, abs=1e-4)
+
+
 class Quadratic(nn.Module):
     """``D(x)_i = Σ_j w_j x_ij²``: gradient ``2 w x``, by hand."""
 
@@ -170,6 +196,9 @@ def test_pair_accuracy_reads_the_ranking_that_an_offset_hides_from_accuracy(tmp_
     _, logs = method.training_step(method.prepare(batch, phase.start), "discriminator")
     real, fake = seen
     assert float(logs["d/accuracy"]) == 0.5
+    # the loss over its value at chance (ns_gan: 2 ln 2): far above 1 for a discriminator this wrong about fakes
+    assert float(logs["d/loss_ratio"]) == pytest.approx(float(logs["loss/discriminator"]) / (2 * math.log(2)), rel=1e-6)
+    assert float(logs["d/loss_ratio"]) > 10
     assert float(logs["d/pair_accuracy"]) == pytest.approx(float((real > fake).float().mean()))
     assert 0 < float(logs["d/pair_accuracy"]) < 1  # the student's samples differ from the teacher's, both ways
 

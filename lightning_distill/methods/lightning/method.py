@@ -22,6 +22,7 @@ from lightning_distill.errors import UserError
 from lightning_distill.methods.base import ArtifactLoader, Method, Phase, PhaseFacts, PhaseModel
 from lightning_distill.methods.lightning.ladder import LadderOptions
 from lightning_distill.models.noise import NoiseSchedule, snr_matched_timesteps
+from lightning_distill.models.losses import chance_loss
 from lightning_distill.models.regularizers import discriminator_step_index, regularizer_due
 from lightning_distill.utils.images import to_unit
 from lightning_distill.utils.tensors import strip_prefix
@@ -139,6 +140,7 @@ class ProgressiveDistillation(Method):
         loss = getattr(options, "adversarial_loss", None) or c.adversarial_loss
         regularizers = getattr(options, "regularizers", None)
         self.adversarial = loss.build()
+        self._chance = chance_loss(self.adversarial) if getattr(self.adversarial, "adversarial", False) else None
         self.regularizers = [(spec.name, spec.build()) for spec in (c.regularizers if regularizers is None else regularizers)]
 
     @staticmethod
@@ -392,6 +394,8 @@ class ProgressiveDistillation(Method):
             # relativistic loss learns (it leaves the logits' offset free, so d/accuracy can sit at 0.5 beside it)
             "d/pair_accuracy": (real_logits.detach() > fake_logits.detach()).float().mean(),
         }
+        if self._chance:  # the loss over its value at chance: 1 has learnt nothing (accuracy can say otherwise)
+            logs["d/loss_ratio"] = adversarial.detach().float() / self._chance
         for name, reg in self.regularizers:
             every = reg.config.every
             if reg.config.weight and regularizer_due(batch.get("disc_step", 0), every):

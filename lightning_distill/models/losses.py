@@ -60,18 +60,21 @@ class AdversarialLoss:
         """The discriminator's loss at chance: the least a discriminator that gives every sample the same logit can
         reach. A discriminator whose loss stays there has learnt nothing, whatever its accuracy says. Found here
         on a grid of constant logits; the losses below give it exactly."""
-        return chance_loss(self)
+        return constant_logit_minimum(self)
 
 
-def chance_loss(loss: object, *, span: float = 20.0, points: int = 4001) -> float:
-    """``loss.chance()`` where the loss defines it, else the least of its ``discriminator_loss`` over constant
-    logits in ``[-span, span]`` (a plugin's loss need not derive from :class:`AdversarialLoss`)."""
-    exact = getattr(type(loss), "chance", None)
-    if exact is not None and exact is not AdversarialLoss.chance:
-        return float(loss.chance())  # type: ignore[attr-defined]
+def constant_logit_minimum(loss: object, *, span: float = 20.0, points: int = 4001) -> float:
+    """The least of ``loss.discriminator_loss`` over constant logits in ``[-span, span]``."""
     with torch.no_grad():
         return min(float(loss.discriminator_loss(torch.full((1,), c), torch.full((1,), c)))  # type: ignore[attr-defined]
                    for c in torch.linspace(-span, span, points).tolist())
+
+
+def chance_loss(loss: object) -> float:
+    """``loss.chance()`` where the loss has it, else :func:`constant_logit_minimum` (a plugin's loss need only
+    keep the registry's contract, not derive from :class:`AdversarialLoss`)."""
+    chance = getattr(loss, "chance", None)
+    return float(chance()) if callable(chance) else constant_logit_minimum(loss)
 
 
 @LOSSES.register("ns_gan")

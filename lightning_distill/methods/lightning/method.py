@@ -393,6 +393,10 @@ class ProgressiveDistillation(Method):
             # how often the teacher's sample scores above the student's made from the same x_t: the ranking, which a
             # relativistic loss learns (it leaves the logits' offset free, so d/accuracy can sit at 0.5 beside it)
             "d/pair_accuracy": (real_logits.detach() > fake_logits.detach()).float().mean(),
+            # why the two can disagree: the mean gap between a pair's logits (what ranks them) against the spread
+            # over the batch of what a pair's logits share (an offset per x_t, which thresholding at 0 sees)
+            "d/margin": (real_logits.detach() - fake_logits.detach()).float().mean(),
+            "d/shared_spread": ((real_logits.detach() + fake_logits.detach()).float() / 2).std(),
         }
         if self._chance:  # the loss over its value at chance: 1 has learnt nothing (accuracy can say otherwise)
             logs["d/loss_ratio"] = adversarial.detach().float() / self._chance

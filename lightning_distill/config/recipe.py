@@ -2,7 +2,8 @@
 
 A recipe may ``extends:`` a base recipe (a path relative to itself, or a list of them); keys of the recipe
 replace those of its bases, mappings merge, lists replace. Command-line overrides are dot-lists
-(``train.batch_size=8``) applied last. ``imports:`` lists modules to import before components are looked up.
+(``train.batch_size=8``) applied last; an item of a list of named mappings is addressed by index or by its
+``name`` (``schedule.stages.l1.phases.1.lr=1e-5``). ``imports:`` lists modules to import before components are looked up.
 """
 
 from __future__ import annotations
@@ -180,6 +181,33 @@ def _get_path(tree: Any, path: str) -> Any:
     return node
 
 
+def _by_name(tree: Any, key: str) -> str:
+    """``key`` with each part that names an item of a list of mappings (by its ``name``) replaced by the item's
+    index: ``schedule.stages.l1.phases.0.lr`` → ``schedule.stages.3.phases.0.lr``."""
+    from omegaconf import DictConfig, ListConfig
+
+    node, parts = tree, key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, ListConfig) and not part.isdigit():
+            names = [item.get("name") if isinstance(item, DictConfig) else None for item in node]
+            if part not in names:
+                where = ".".join(parts[:i]) or "the recipe"
+                known = ", ".join(repr(n) for n in names if n is not None) or "none: address its items by index"
+                raise UserError(f"bad override {key}: {where} has no item named {part!r} (names: {known})")
+            if names.count(part) > 1:
+                raise UserError(f"bad override {key}: {'.'.join(parts[:i])} has several items named {part!r}; "
+                                "address it by index")
+            parts[i] = str(names.index(part))
+        if isinstance(node, ListConfig):
+            index = int(parts[i])
+            node = node[index] if index < len(node) else None
+        elif isinstance(node, DictConfig):
+            node = node.get(part)
+        else:
+            break
+    return ".".join(parts)
+
+
 def _has_path(tree: Any, path: str) -> bool:
     node = tree
     for part in path.replace("[", ".").replace("]", "").split("."):
@@ -225,6 +253,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         key = str(getattr(err, "full_key", "") or "")
         raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
     for key, value in updates:
+        key = _by_name(merged, key)
         try:
             OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section
         except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:

@@ -7,6 +7,7 @@ import pytest
 
 from support import ROOT
 from lightning_distill.config.recipe import dump_recipe, load_recipe
+from lightning_distill.errors import UserError
 
 ALL = sorted((ROOT / "recipes").rglob("*.yaml"))
 RECIPES = [p for p in ALL if not p.name.startswith("_")]  # a leading underscore marks a base to extend
@@ -59,6 +60,18 @@ def test_dotlist_overrides_reach_nested_lists_and_types():
     assert phases[0].steps == 3 and phases[1].start == 3
     assert phases[1].optimizers["student"].lr == pytest.approx(1e-6)
     assert r.method.config.discriminator.config.head.config.channels == 8
+
+
+def test_overrides_address_named_list_items_by_name():
+    """``schedule.stages.s4.phases.0.lr`` is ``schedule.stages.1.phases.0.lr`` (the stage named s4); a name that is
+    not there is a clear error listing the names, and the recipe is not touched."""
+    by_index = load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.1.phases.0.lr=1e-6"])
+    by_name = load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.s4.phases.0.lr=1e-6"])
+    assert by_name.resolved == by_index.resolved
+    assert by_name.resolved != load_recipe(ROOT / "recipes" / "debug.yaml").resolved
+    assert by_name.recipe.schedule.build().phases()[1].optimizers["student"].lr == pytest.approx(1e-6)
+    with pytest.raises(UserError, match=r"schedule.stages has no item named 's2' \(names: 's8', 's4'\)"):
+        load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.s2.phases.0.lr=1e-6"])
 
 
 def test_interpolation_resolves(tmp_path):

@@ -80,8 +80,8 @@ def test_a_fresh_discriminator_is_at_chance_and_first_learns_only_what_differs(t
     is the mean of (features of fake - features of real) / 2 over the batch: what real and fake share cancels. With
     ``zero_init: false`` the logits start off zero and differ between samples."""
     cls = DISCRIMINATORS.get(name)
-    extra = {"channels": 16, "groups": 8, "embed_dim": 32} if name == "multilevel" else {
-        "head": {"name": "conv", "channels": 16, "groups": 8}}
+    extra = {"channels": 16, "groups": 8, "embed_dim": 32, "zero_init": True} if name == "multilevel" else {
+        "head": {"name": "conv", "channels": 16, "groups": 8, "zero_init": True}}
     disc = cls(validate({"backbone": {"name": "unet_encoder"}, **extra}, cls.Config), teacher=teacher, conditional=True)
     torch.manual_seed(0)
     x_t, real = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
@@ -109,6 +109,9 @@ def test_a_fresh_discriminator_is_at_chance_and_first_learns_only_what_differs(t
     default = cls(validate({"backbone": {"name": "unet_encoder"}, **(
         {**extra, "zero_init": False} if name == "multilevel" else
         {"head": {**extra["head"], "zero_init": False}})}, cls.Config), teacher=teacher, conditional=True)
+    # off unless asked for (the probes measured no faster accuracy from it)
+    config = validate({"backbone": {"name": "unet_encoder"}}, cls.Config)
+    assert (config.zero_init if name == "multilevel" else config.head.config.zero_init) is False
     with torch.no_grad():
         logits = default(real, t_prev, cond, x_t, t)
     assert logits.abs().min() > 0 and logits.std() > 0

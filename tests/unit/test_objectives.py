@@ -203,7 +203,7 @@ def test_pair_accuracy_reads_the_ranking_that_an_offset_hides_from_accuracy(tmp_
     assert 0 < float(logs["d/pair_accuracy"]) < 1  # the student's samples differ from the teacher's, both ways
     # the gap that ranks the pairs, and the spread of what each pair shares (here the offset 100 cancels in both)
     assert float(logs["d/margin"]) == pytest.approx(float((real - fake).mean()), abs=1e-5)
-    assert float(logs["d/shared_spread"]) == pytest.approx(float(((real + fake) / 2 - 100).std()), rel=1e-3)
+    assert float(logs["d/shared_spread"]) == pytest.approx(float(((real + fake) / 2 - 100).std(correction=0)), rel=1e-3)
 
 
 def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_path):

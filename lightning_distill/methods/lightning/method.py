@@ -396,7 +396,7 @@ class ProgressiveDistillation(Method):
             # why the two can disagree: the mean gap between a pair's logits (what ranks them) against the spread
             # over the batch of what a pair's logits share (an offset per x_t, which thresholding at 0 sees)
             "d/margin": (real_logits.detach() - fake_logits.detach()).float().mean(),
-            "d/shared_spread": ((real_logits.detach() + fake_logits.detach()).float() / 2).std(),
+            "d/shared_spread": ((real_logits.detach() + fake_logits.detach()).float() / 2).std(correction=0),
         }
         if self._chance:  # the loss over its value at chance: 1 has learnt nothing (accuracy can say otherwise)
             logs["d/loss_ratio"] = adversarial.detach().float() / self._chance

@@ -106,12 +106,12 @@ def test_a_fresh_discriminator_is_at_chance_and_first_learns_only_what_differs(t
     assert out.bias.grad.abs().item() < 1e-7  # the offset: +1/2 and -1/2 cancel
     assert out.weight.grad.abs().sum() > 0
 
-    default = cls(validate({"backbone": {"name": "unet_encoder"}, **(
-        {**extra, "zero_init": False} if name == "multilevel" else
-        {"head": {**extra["head"], "zero_init": False}})}, cls.Config), teacher=teacher, conditional=True)
     # off unless asked for (the probes measured no faster accuracy from it)
     config = validate({"backbone": {"name": "unet_encoder"}}, cls.Config)
     assert (config.zero_init if name == "multilevel" else config.head.config.zero_init) is False
+    default = cls(validate({"backbone": {"name": "unet_encoder"}, **(
+        {**extra, "zero_init": False} if name == "multilevel" else
+        {"head": {**extra["head"], "zero_init": False}})}, cls.Config), teacher=teacher, conditional=True)
     with torch.no_grad():
         logits = default(real, t_prev, cond, x_t, t)
     assert logits.abs().min() > 0 and logits.std() > 0

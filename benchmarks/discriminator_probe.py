@@ -3,7 +3,8 @@
 Trains ``recipes/tiny/probes/discriminator.yaml`` (one 8-step MSE student, then probe stages that train the
 discriminator alone against it) and prints, per probe, the discriminator's accuracy (``d/accuracy``: 0.5 is
 chance), its pair accuracy (``d/pair_accuracy``: how often the teacher's sample scores above the student's from
-the same x_t, the ranking a relativistic loss learns) and its loss early, midway and late. A finished run folder is only read again.
+the same x_t, the ranking a relativistic loss learns), its accuracy over the pairs re-noised to the lowest level
+(``d/accuracy_lowest``, pooled by ``d/lowest_share``) and its loss early, midway and late. A finished run folder is only read again.
 
     python benchmarks/discriminator_probe.py [--recipe recipes/tiny/probes/discriminator_flow.yaml] [--out DIR] [KEY=VALUE ...]
 """
@@ -21,11 +22,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny" / "probes" / "discriminator.yaml"
 
 
+def windows_of(values: list) -> dict[str, list]:
+    """The first, middle and last third of a phase's logged values."""
+    n = len(values)
+    return {"early": values[: max(1, n // 3)], "middle": values[n // 3 : max(n // 3 + 1, 2 * n // 3)],
+            "late": values[2 * n // 3 :]}
+
+
 def windows(values: list[tuple[int, float]]) -> dict[str, float]:
     """Mean over the first, middle and last third of a phase's logged values."""
-    n = len(values)
-    thirds = [values[: max(1, n // 3)], values[n // 3 : max(n // 3 + 1, 2 * n // 3)], values[2 * n // 3 :]]
-    return {name: sum(v for _, v in part) / len(part) for name, part in zip(("early", "middle", "late"), thirds)}
+    return {name: sum(v for _, v in part) / len(part) for name, part in windows_of(values).items()}
+
+
+def pooled(values: list[tuple[int, float]], weights: list[tuple[int, float]]) -> dict[str, float | None]:
+    """Per third, the values' mean weighted by the weights logged at the same steps (None: no weight there)."""
+    weight = dict(weights)
+    out: dict[str, float | None] = {}
+    for name, part in windows_of([(s, v, weight.get(s, 0.0)) for s, v in values]).items():
+        total = sum(w for _, _, w in part)
+        out[name] = sum(v * w for _, v, w in part) / total if total else None
+    return out
 
 
 def main() -> None:
@@ -50,8 +66,12 @@ def main() -> None:
         loss = windows([(e.step, e.value) for e in events.Scalars(f"{phase}/loss/discriminator")])
         pair_tag = f"{phase}/d/pair_accuracy"  # runs from before the instrument lack it
         pair = windows([(e.step, e.value) for e in events.Scalars(pair_tag)]) if pair_tag in tags else {}
+        lowest_tag = f"{phase}/d/accuracy_lowest"  # at the lowest re-noise level, pooled by its share of each batch
+        lowest = pooled([(e.step, e.value) for e in events.Scalars(lowest_tag)],
+                        [(e.step, e.value) for e in events.Scalars(f"{phase}/d/lowest_share")]) if lowest_tag in tags else {}
         rows.append({"probe": phase, **{f"accuracy {k}": v for k, v in accuracy.items()},
                      **{f"pair accuracy {k}": v for k, v in pair.items()},
+                     **{f"lowest level accuracy {k}": v for k, v in lowest.items()},
                      **{f"D loss {k}": v for k, v in loss.items()}})
     recipe = Path(args.recipe).resolve()
     which = [] if recipe == RECIPE else ["--recipe", str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)]

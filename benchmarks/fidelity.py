@@ -25,7 +25,7 @@ RECIPE = ROOT / "recipes" / "tiny" / "lightning.yaml"
 METRICS = ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity", "diversity_per_prompt",
            "coverage")
 INSTRUMENTS = ("d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end", "d_loss_ratio_warmup",
-               "d_loss_ratio_end", "student_teacher_gap")
+               "d_loss_ratio_end", "d_accuracy_lowest_warmup", "d_accuracy_lowest_end", "student_teacher_gap")
 
 
 def summarise(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> list[dict[str, object]]:
@@ -76,8 +76,8 @@ def main() -> None:
            device_name(torch.device("cpu")), summarise(results), None if args.no_record else RESULTS)
     if discriminator:  # per adversarial phase: does the discriminator leave chance?
         by_phase = [{"model": r["phase"], "steps": "", **r} for r in discriminator]
-        table = [{"phase": r["model"], **{k: v for k, v in r.items() if k not in ("model", "steps")}}
-                 for r in summarise(by_phase, INSTRUMENTS)]
+        table = [{"phase": r["model"], "seeds": r["seeds"], **{k: r.get(k, "–") for k in INSTRUMENTS}}
+                 for r in summarise(by_phase, INSTRUMENTS)]  # – where a phase has no such instrument
         record(f"Discriminators of {recipe.name} over seeds {args.seeds} (mean ± sd)", command,
                device_name(torch.device("cpu")), table, None if args.no_record else RESULTS)
 

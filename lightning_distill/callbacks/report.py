@@ -21,6 +21,9 @@ PAIR_ACCURACY = "d/pair_accuracy"
 """The discriminator step's log of how often it scores the teacher's sample above the student's from the same x_t."""
 LOSS_RATIO = "d/loss_ratio"
 """The discriminator step's log of its loss over the loss's value at chance (1: it has learnt nothing)."""
+ACCURACY_LOWEST, LOWEST_SHARE = "d/accuracy_lowest", "d/lowest_share"
+"""The discriminator step's accuracy over the pairs re-noised to the phase's lowest level, and their share of the
+batch (the weight it is pooled with)."""
 GAP = "mse_to_teacher"
 """The student step's log of its mean squared distance to the teacher's target."""
 
@@ -28,8 +31,11 @@ GAP = "mse_to_teacher"
 WINDOWS = (("d_accuracy_warmup", ACCURACY, "warm"), ("d_accuracy_end", ACCURACY, "end"),
            ("d_pair_accuracy_warmup", PAIR_ACCURACY, "warm"), ("d_pair_accuracy_end", PAIR_ACCURACY, "end"),
            ("student_teacher_gap", GAP, "end"),
-           ("d_loss_ratio_warmup", LOSS_RATIO, "warm"), ("d_loss_ratio_end", LOSS_RATIO, "end"))
-"""The instruments of an adversarial phase: its row key, the log it averages, and over which window."""
+           ("d_loss_ratio_warmup", LOSS_RATIO, "warm"), ("d_loss_ratio_end", LOSS_RATIO, "end"),
+           ("d_accuracy_lowest_warmup", ACCURACY_LOWEST, "warm", LOWEST_SHARE),
+           ("d_accuracy_lowest_end", ACCURACY_LOWEST, "end", LOWEST_SHARE))
+"""The instruments of an adversarial phase: its row key, the log it averages, over which window, and the log that
+weights each step (none: every step counts once)."""
 SLOTS = 2 * len(WINDOWS)
 
 
@@ -74,14 +80,15 @@ class Report(Callback):
             return
         i = step - 1 - phase.start
         warm, end = instrument_windows(phase)
-        for slot, (_, key, which) in enumerate(WINDOWS):
+        for slot, (_, key, which, *weighted) in enumerate(WINDOWS):
             slot, window = 2 * slot, warm if which == "warm" else end
             if key in logs and i in window:
                 value = logs[key].detach().float().reshape(())
+                weight = logs[weighted[0]].detach().float().reshape(()) if weighted else 1.0
                 if self._sums.device != value.device:  # summed where the logs live: no host sync per step
                     self._sums = self._sums.to(value.device)
-                self._sums[slot] += value
-                self._sums[slot + 1] += 1
+                self._sums[slot] += value * weight
+                self._sums[slot + 1] += weight
 
     def on_phase_result(self, *, fabric: Any, phase: Any, **_: Any) -> None:
         if "discriminator" not in phase.optimizers:
@@ -94,7 +101,7 @@ class Report(Callback):
         def mean(total: torch.Tensor, count: torch.Tensor) -> float | None:
             return round(float(total / count), 4) if count > 0 else None
 
-        row = {"phase": phase.name, **{name: mean(sums[2 * i], sums[2 * i + 1]) for i, (name, _, _) in enumerate(WINDOWS)}}
+        row = {"phase": phase.name, **{w[0]: mean(sums[2 * i], sums[2 * i + 1]) for i, w in enumerate(WINDOWS)}}
         path = self.out_dir / "instruments.json"
         if path.is_file():  # earlier phases, also those of the run before a resume (callback state is per phase)
             self.rows = [r for r in json.loads(path.read_text())["phases"] if r["phase"] not in {x["phase"] for x in self.rows}] + self.rows
@@ -110,7 +117,7 @@ class Report(Callback):
         sums = torch.tensor(state["sums"])
         if len(sums) == 6:  # a checkpoint from before the pair accuracy: its instruments, none of that one
             sums = torch.cat([sums[:4], torch.zeros(4), sums[4:]])
-        if len(sums) < SLOTS:  # from before the loss ratio (the newest instruments come last)
+        if len(sums) < SLOTS:  # from before the loss ratio or the lowest level's accuracy (the newest come last)
             sums = torch.cat([sums, torch.zeros(SLOTS - len(sums))])
         self.rows, self._phase, self._sums = state["rows"], state["phase"], sums
 

@@ -277,15 +277,18 @@ def discriminator_table(rows: list[dict[str, Any]]) -> list[str]:
              "same x_t: whether its gradient points the student towards the teacher's side, which a relativistic loss "
              "learns without any offset) and its loss over the loss's value at chance (1: it has learnt nothing, "
              "whatever the accuracies say; below 1: it tells the samples apart), each over the last fifth of its "
-             "warm-up and over the last fifth of the phase, and the student's mean squared distance to its teacher's "
-             "target over the last fifth.", "",
+             "warm-up and over the last fifth of the phase, its accuracy over the pairs re-noised to the phase's "
+             "lowest level alone (where a student's missing detail shows; – without discrete re-noising), and the "
+             "student's mean squared distance to its teacher's target over the last fifth.", "",
              "| phase | D accuracy, end of warm-up | D accuracy, end | pair accuracy, end of warm-up | pair accuracy, end "
-             "| D loss / chance, end of warm-up | D loss / chance, end | student–teacher gap |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| D loss / chance, end of warm-up | D loss / chance, end | lowest level: D accuracy, end of warm-up "
+             "| lowest level: D accuracy, end | student–teacher gap |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['phase']} | {cell(r['d_accuracy_warmup'])} | {cell(r['d_accuracy_end'])} | "
                      f"{cell(r.get('d_pair_accuracy_warmup'))} | {cell(r.get('d_pair_accuracy_end'))} | "
                      f"{cell(r.get('d_loss_ratio_warmup'))} | {cell(r.get('d_loss_ratio_end'))} | "
+                     f"{cell(r.get('d_accuracy_lowest_warmup'))} | {cell(r.get('d_accuracy_lowest_end'))} | "
                      f"{cell(r['student_teacher_gap'])} |")
     return lines
 

@@ -92,7 +92,8 @@ def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
     phases = {(d["phase"], d["seed"]) for d in tree["discriminator"]}
     assert ("l1-cond", 0) in phases and ("a1-uncond", 1) in phases and len(phases) == 20
     assert ("| phase | seeds | d_accuracy_warmup | d_accuracy_end | d_pair_accuracy_warmup | d_pair_accuracy_end | "
-            "d_loss_ratio_warmup | d_loss_ratio_end | student_teacher_gap |") in done.stdout
+            "d_loss_ratio_warmup | d_loss_ratio_end | d_accuracy_lowest_warmup | d_accuracy_lowest_end | "
+            "student_teacher_gap |") in done.stdout
 
 
 @pytest.mark.slow

@@ -224,10 +224,19 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     assert [d["phase"] for d in tree["discriminator"]] == adversarial
     for d in tree["discriminator"]:
         assert set(d) == {"phase", "d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end",
-                          "d_loss_ratio_warmup", "d_loss_ratio_end", "student_teacher_gap"}
+                          "d_loss_ratio_warmup", "d_loss_ratio_end", "d_accuracy_lowest_warmup",
+                          "d_accuracy_lowest_end", "student_teacher_gap"}
         assert 0.0 < d["d_loss_ratio_warmup"] < 3.0 and 0.0 < d["d_loss_ratio_end"] < 3.0
+        # the lowest re-noise level's accuracy only where the phase re-noises to discrete levels (2 and 1 steps); in
+        # phases this short (batches of 4) a window may hold no pair at that level
+        lowest = [d["d_accuracy_lowest_warmup"], d["d_accuracy_lowest_end"]]
+        if d["phase"][:2] in ("l2", "l1", "a2", "a1"):
+            assert all(v is None or 0.0 <= v <= 1.0 for v in lowest)
+        else:
+            assert lowest == [None, None]
         assert 0.0 <= d["d_pair_accuracy_warmup"] <= 1.0 and 0.0 <= d["d_pair_accuracy_end"] <= 1.0
         assert 0.0 <= d["d_accuracy_warmup"] <= 1.0 and 0.0 <= d["d_accuracy_end"] <= 1.0 and d["student_teacher_gap"] >= 0
+    assert any(d["d_accuracy_lowest_end"] is not None for d in tree["discriminator"])
     report = (out / "report.md").read_text()
     assert "| lightning | 1 |" in report and "samples/lightning-1step.png" in report
     assert "## Discriminators" in report and "| l1-uncond |" in report

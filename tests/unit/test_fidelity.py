@@ -193,7 +193,8 @@ def test_diversity_per_prompt_is_one_on_real_scenes_low_on_collapse_and_on_blurr
 
 def test_instruments_average_their_windows_and_survive_a_resume(tmp_path):
     """The report's per-phase instruments: D accuracy, pair accuracy and loss ratio over the last fifth of the
-    warm-up and of the phase, the student's gap over the last fifth; rows of phases finished before a resume are
+    warm-up and of the phase, the lowest re-noise level's accuracy pooled by its share of each batch (a step with
+    none counts for nothing), the student's gap over the last fifth; rows of phases finished before a resume are
     kept, and checkpoints from before an instrument existed resume with the others where they were."""
     import json
 
@@ -206,25 +207,33 @@ def test_instruments_average_their_windows_and_survive_a_resume(tmp_path):
     fabric = type("F", (), {"world_size": 1, "is_global_zero": True})()
     report = Report(EvalConfig(), out_dir=tmp_path)
     report.on_phase_start(phase=phase)
+    # (accuracy, share) at the lowest level: pooled 0.9 over the warm-up window and 0.6 over the end (plain means of
+    # the logged accuracies: 0.8 and 0.3)
+    lowest = {8: (0.6, 0.25), 9: (1.0, 0.75), 16: (0.0, 0.0), 17: (0.4, 0.5), 18: (0.8, 0.5), 19: (0.0, 0.0)}
     for i in range(phase.steps):
         logs = {"d/accuracy": torch.tensor(i / 100), "d/pair_accuracy": torch.tensor(1 - i / 100),
                 "d/loss_ratio": torch.tensor(2 - i / 10)}
         if i >= 10:
             logs["mse_to_teacher"] = torch.tensor(float(i))
+        accuracy, share = lowest.get(i, (0.5, 0.5))
+        logs |= {"d/accuracy_lowest": torch.tensor(accuracy), "d/lowest_share": torch.tensor(share)}
         report.on_step_end(phase=phase, step=phase.start + i + 1, logs=logs)
     report.on_phase_result(fabric=fabric, phase=phase)
     row = json.loads((tmp_path / "instruments.json").read_text())["phases"][0]
     assert row == {"phase": phase.name, "d_accuracy_warmup": pytest.approx(0.085), "d_accuracy_end": pytest.approx(0.175),
                    "d_pair_accuracy_warmup": pytest.approx(0.915), "d_pair_accuracy_end": pytest.approx(0.825),
                    "student_teacher_gap": pytest.approx(17.5), "d_loss_ratio_warmup": pytest.approx(1.15),
-                   "d_loss_ratio_end": pytest.approx(0.25)}
+                   "d_loss_ratio_end": pytest.approx(0.25), "d_accuracy_lowest_warmup": pytest.approx(0.9),
+                   "d_accuracy_lowest_end": pytest.approx(0.6)}
     # a checkpoint written before the pair accuracy existed resumes with its instruments where they were
     old = Report(EvalConfig(), out_dir=tmp_path)
     old.load_state_dict({"rows": [], "phase": phase.name, "sums": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
-    assert old._sums.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0]
-    # and one from before the loss ratio
+    assert old._sums.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0, 5.0, 6.0, *[0.0] * 8]
+    # and one from before the loss ratio, and one from before the lowest level's accuracy
     old.load_state_dict({"rows": [], "phase": phase.name, "sums": list(map(float, range(1, 11)))})
-    assert old._sums.tolist() == [*map(float, range(1, 11)), 0.0, 0.0, 0.0, 0.0]
+    assert old._sums.tolist() == [*map(float, range(1, 11)), *[0.0] * 8]
+    old.load_state_dict({"rows": [], "phase": phase.name, "sums": list(map(float, range(1, 15)))})
+    assert old._sums.tolist() == [*map(float, range(1, 15)), *[0.0] * 4]
     resumed = Report(EvalConfig(), out_dir=tmp_path)  # a new process: its state starts empty
     later = _phases("schedule.stages.1.phases.0.steps=20")[2]
     resumed.on_phase_start(phase=later)

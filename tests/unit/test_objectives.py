@@ -206,6 +206,40 @@ def test_pair_accuracy_reads_the_ranking_that_an_offset_hides_from_accuracy(tmp_
     assert float(logs["d/shared_spread"]) == pytest.approx(float(((real + fake) / 2 - 100).std(correction=0)), rel=1e-3)
 
 
+def test_accuracy_at_the_lowest_renoise_level_counts_only_the_pairs_renoised_there(tmp_path):
+    """``d/accuracy_lowest``: the accuracy over the pairs whose clean samples were re-noised to the phase's lowest
+    level, beside their share of the batch; a pair judged at that timestep without re-noising, or re-noised higher,
+    does not count."""
+    stage = "schedule.stages.1.phases.0."
+    method, phase, batch = _adversarial_phase(tmp_path, f"{stage}renoise_timesteps=[10, 250]")
+    logits = iter([torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0, 1.0])])  # real, then fake
+
+    class Fixed(nn.Module):
+        def forward(self, x, t_prev, cond, x_t=None, t=None):
+            return next(logits)
+
+    method.modules["discriminator"] = Fixed()
+    torch.manual_seed(3)
+    prepared = method.prepare(batch, phase.start)
+    assert "t_disc" in prepared
+    # pair 0 right on both sides, 1 and 2 half right, 3 wrong on both; pairs 0 and 2 re-noised to the lowest level,
+    # 1 re-noised to 250, 3 judged at timestep 10 but not re-noised (its sample was not clean)
+    prepared |= {"renoise": torch.tensor([True, True, True, False]), "t_disc": torch.tensor([10, 250, 10, 10])}
+    _, logs = method.training_step(prepared, "discriminator")
+    assert float(logs["d/accuracy"]) == 0.5
+    assert float(logs["d/accuracy_lowest"]) == 0.75 and float(logs["d/lowest_share"]) == 0.5
+    # a batch with no pair at the lowest level: share 0 (the report's pooling ignores its accuracy)
+    logits = iter([torch.ones(4), -torch.ones(4)])
+    prepared["t_disc"] = torch.tensor([250, 250, 250, 10])
+    _, logs = method.training_step(prepared, "discriminator")
+    assert float(logs["d/lowest_share"]) == 0.0 and float(logs["d/accuracy_lowest"]) == 0.0
+    # without discrete re-noise levels the phase logs neither
+    method, phase, batch = _adversarial_phase(tmp_path / "none")
+    torch.manual_seed(3)
+    _, logs = method.training_step(method.prepare(batch, phase.start), "discriminator")
+    assert "d/accuracy_lowest" not in logs and "d/lowest_share" not in logs and "d/accuracy" in logs
+
+
 def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_path):
     method, phase, batch = _adversarial_phase(tmp_path, "method.adversarial_loss.name=rpgan",
                                               "method.regularizers=[{name: r1, weight: 0.5, every: 2}, {name: approx_r1}]")

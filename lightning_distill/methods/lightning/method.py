@@ -66,6 +66,15 @@ class StudentEMA:
     """The phase kinds averaged (mse, adversarial, x0_convert)."""
 
 
+def _lowest_level_accuracy(real: Tensor, fake: Tensor, batch: dict, lowest: int) -> dict[str, Tensor]:
+    """D accuracy over the pairs re-noised to the phase's lowest level (where the fine detail a student lacks shows)
+    and their share of the batch. The report pools the accuracy over a window weighted by the share; a batch with
+    no such pair logs accuracy 0 at share 0, which the pooling ignores."""
+    at = (batch["renoise"] & (batch["t_disc"] == lowest)).float()
+    correct = ((real > 0).float() + (fake < 0).float()) / 2
+    return {"d/accuracy_lowest": (correct * at).sum() / at.sum().clamp(min=1), "d/lowest_share": at.mean()}
+
+
 def _warn_x0_conversion(config: Any, phases: list[Phase]) -> None:
     """An ``x0_convert`` phase makes the epsilon teacher's x0 at t = T, ``(x - √(1-ᾱ_T) ε) / √ᾱ_T``: on linear
     betas √ᾱ_T is 0.0064 (SDXL's scaled-linear: 0.068), so the target amplifies the teacher's error by 150x. Said
@@ -400,6 +409,9 @@ class ProgressiveDistillation(Method):
         }
         if self._chance:  # the loss over its value at chance: 1 has learnt nothing (accuracy can say otherwise)
             logs["d/loss_ratio"] = adversarial.detach().float() / self._chance
+        if "t_disc" in batch and self.phase.options.renoise_distribution == "discrete":
+            logs.update(_lowest_level_accuracy(real_logits.detach(), fake_logits.detach(), batch,
+                                               min(self._renoise_levels(real))))
         for name, reg in self.regularizers:
             every = reg.config.every
             if reg.config.weight and regularizer_due(batch.get("disc_step", 0), every):

@@ -17,7 +17,21 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The processor's model name and the matrix extensions its kernels may use: on a CPU the adversarial stages
+    amplify rounding, so their trained numbers reproduce only on the same kind of processor (the MSE rows do)."""
+    model = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extensions = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join([names[0] if names else model, *extensions])
 
 
 def commit() -> str:
@@ -59,11 +73,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 4096, iters: 
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    """A markdown table of rows (all with the same keys)."""
-    keys = list(rows[0])
+    """A markdown table of rows: the columns of all rows in the order they first appear, – where a row has none."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k, "–")) for k in keys) + " |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import re
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -154,7 +155,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict[str,
 
 
 def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``KEY=VALUE`` items as ``(dotted key, YAML value)``; list items are addressed by index (``a.0.b``)."""
+    """``KEY=VALUE`` items as ``(dotted key, YAML value)``; list items are addressed by index (``a.0.b``) or, in
+    a list of mappings, by their ``name`` (resolved against the merged recipe by :func:`_walk`)."""
     parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -174,50 +176,38 @@ def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _get_path(tree: Any, path: str) -> Any:
-    node = tree
-    for part in path.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
-def _by_name(tree: Any, key: str) -> str:
-    """``key`` with each part that names an item of a list of mappings (by its ``name``) replaced by the item's
-    index: ``schedule.stages.l1.phases.0.lr`` → ``schedule.stages.3.phases.0.lr``."""
-    from omegaconf import DictConfig, ListConfig
-
-    node, parts = tree, key.split(".")
+def _walk(tree: Any, key: str, *, names: bool = False) -> tuple[list[str], Any, int]:
+    """Follow a dotted key (``a.b.0.c`` or ``a.b[0].c``) through mappings and lists (plain or OmegaConf): its parts,
+    the deepest node reached and how many parts led there (all of them: the key exists). With ``names``, a part that
+    is not an index names an item of a list of mappings by its ``name`` (``schedule.stages.l1`` for the stage named
+    l1) and is replaced in the parts by the item's index; a name that is not there, or not once, is a UserError."""
+    parts, node = key.replace("[", ".").replace("]", "").split("."), tree
     for i, part in enumerate(parts):
-        if isinstance(node, ListConfig) and not part.isdigit():
-            names = [item.get("name") if isinstance(item, DictConfig) else None for item in node]
-            if part not in names:
-                where = ".".join(parts[:i]) or "the recipe"
-                known = ", ".join(repr(n) for n in names if n is not None) or "none: address its items by index"
-                raise UserError(f"bad override {key}: {where} has no item named {part!r} (names: {known})")
-            if names.count(part) > 1:
-                raise UserError(f"bad override {key}: {'.'.join(parts[:i])} has several items named {part!r}; "
-                                "address it by index")
-            parts[i] = str(names.index(part))
-        if isinstance(node, ListConfig):
-            index = int(parts[i])
-            node = node[index] if index < len(node) else None
-        elif isinstance(node, DictConfig):
-            node = node.get(part)
+        if isinstance(node, Mapping):
+            if part not in node:
+                return parts, node, i
+        elif isinstance(node, Sequence) and not isinstance(node, str):
+            if not part.isdigit():
+                if not names:
+                    return parts, node, i
+                part = parts[i] = str(_item_named(node, part, ".".join(parts[:i]), key))
+            if int(part) >= len(node):
+                return parts, node, i
+            part = int(part)  # type: ignore[assignment]
         else:
-            break
-    return ".".join(parts)
+            return parts, node, i
+        node = node[part]
+    return parts, node, len(parts)
 
 
-def _has_path(tree: Any, path: str) -> bool:
-    node = tree
-    for part in path.replace("[", ".").replace("]", "").split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False
-    return True
+def _item_named(items: Sequence[Any], name: str, where: str, key: str) -> int:
+    found = [item.get("name") if isinstance(item, Mapping) else None for item in items]
+    if found.count(name) != 1:
+        known = ", ".join(repr(n) for n in found if n is not None) or "none: address its items by index"
+        problem = f"has several items named {name!r}; address it by index" if found.count(name) else \
+            f"has no item named {name!r} (names: {known})"
+        raise UserError(f"bad override {key}: {where or 'the recipe'} {problem}")
+    return found.index(name)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  # type: ignore[assignment]
@@ -239,11 +229,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         owner = layers[-1][0]
         for depth in range(1, len(parts) + 1):
             prefix = ".".join(parts[:depth])
-            holder = next(((label, tree) for label, tree in reversed(layers) if _has_path(tree, prefix)), None)
+            reached = ((label, _walk(tree, prefix)) for label, tree in reversed(layers))
+            holder = next(((label, node) for label, (_, node, found) in reached if found == depth), None)
             if holder is None:
                 break
             owner = holder[0]
-            if not isinstance(_get_path(holder[1], prefix), dict):  # lists and values replace, never merge
+            if not isinstance(holder[1], dict):  # lists and values replace, never merge
                 break
         return owner
 
@@ -252,8 +243,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
     except OmegaConfBaseException as err:
         key = str(getattr(err, "full_key", "") or "")
         raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
-    for key, value in updates:
-        key = _by_name(merged, key)
+    for n, (key, value) in enumerate(updates):
+        key = ".".join(_walk(merged, key, names=True)[0])
+        updates[n] = (key, value)  # as resolved: source() attributes an error under it to the command line
         try:
             OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section
         except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:

@@ -7,7 +7,7 @@ import pytest
 
 from support import ROOT
 from lightning_distill.config.recipe import dump_recipe, load_recipe
-from lightning_distill.errors import UserError
+from lightning_distill.errors import RecipeError, UserError
 
 ALL = sorted((ROOT / "recipes").rglob("*.yaml"))
 RECIPES = [p for p in ALL if not p.name.startswith("_")]  # a leading underscore marks a base to extend
@@ -64,7 +64,7 @@ def test_dotlist_overrides_reach_nested_lists_and_types():
 
 def test_overrides_address_named_list_items_by_name():
     """``schedule.stages.s4.phases.0.lr`` is ``schedule.stages.1.phases.0.lr`` (the stage named s4); a name that is
-    not there is a clear error listing the names, and the recipe is not touched."""
+    not there, or there twice, is a clear error, and a bad value under a named item is the command line's."""
     by_index = load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.1.phases.0.lr=1e-6"])
     by_name = load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.s4.phases.0.lr=1e-6"])
     assert by_name.resolved == by_index.resolved
@@ -72,6 +72,10 @@ def test_overrides_address_named_list_items_by_name():
     assert by_name.recipe.schedule.build().phases()[1].optimizers["student"].lr == pytest.approx(1e-6)
     with pytest.raises(UserError, match=r"schedule.stages has no item named 's2' \(names: 's8', 's4'\)"):
         load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.s2.phases.0.lr=1e-6"])
+    with pytest.raises(RecipeError, match=r"^command line: schedule.stages\[1\].phases\[0\].lr: expected a number"):
+        load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.s4.phases.0.lr=fast"])
+    with pytest.raises(UserError, match=r"schedule.stages has several items named 's8'; address it by index"):
+        load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.1.name=s8", "schedule.stages.s8.phases.0.lr=1"])
 
 
 def test_interpolation_resolves(tmp_path):

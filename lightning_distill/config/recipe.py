@@ -176,6 +176,21 @@ def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _file_overrides(tree: dict[str, Any], label: str) -> list[tuple[str, Any]]:
+    """A file's ``overrides:`` (taken out of its tree): ``KEY=VALUE`` strings as on the command line, applied after
+    every file has merged (a stage of a base recipe changed by name, where a list would replace the whole)."""
+    items = tree.pop("overrides", None)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise RecipeError("expected a list of KEY=VALUE strings, as on the command line "
+                          "(e.g. [schedule.stages.l1.phases.0.steps=150])", path="overrides", source=label)
+    try:
+        return _parse_overrides(items)
+    except UserError as err:
+        raise RecipeError(str(err), path="overrides", source=label) from err
+
+
 def _walk(tree: Any, key: str, *, names: bool = False) -> tuple[list[str], Any, int]:
     """Follow a dotted key (``a.b.0.c`` or ``a.b[0].c``) through mappings and lists (plain or OmegaConf): its parts,
     the deepest node reached and how many parts led there (all of them: the key exists). With ``names``, a part that
@@ -217,14 +232,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
     except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop, before Python 3.13
         raise UserError(f"cannot read recipe {path}: {err}") from err
     layers = _read_yaml(resolved_path, ())
-    updates = _parse_overrides(list(overrides))
+    # (key, value, who set it): each file's own overrides (bases first), then the command line's
+    updates = [(*update, label) for label, tree in layers for update in _file_overrides(tree, label)]
+    updates += [(*update, "command line") for update in _parse_overrides(list(overrides))]
 
     def source(key: str) -> str | None:
         # Who set the key: the command line, else the layer holding its deepest existing prefix (a wrong value
         # names the file holding it; a missing or unknown key, the file that wrote its section).
         key = re.sub(r"\[(\d+)\]", r".\1", key)
-        if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k, _ in updates if key):
-            return "command line"
+        setter = next((who for k, _, who in reversed(updates) if key and (key == k or key.startswith(k + ".")
+                                                                           or k.startswith(key + "."))), None)
+        if setter is not None:  # set by an override: the last one applied
+            return setter
         parts = key.split(".") if key else []
         owner = layers[-1][0]
         for depth in range(1, len(parts) + 1):
@@ -243,13 +262,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
     except OmegaConfBaseException as err:
         key = str(getattr(err, "full_key", "") or "")
         raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
-    for n, (key, value) in enumerate(updates):
-        key = ".".join(_walk(merged, key, names=True)[0])
-        updates[n] = (key, value)  # as resolved: source() attributes an error under it to the command line
+    for n, (key, value, who) in enumerate(updates):
         try:
-            OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section
-        except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:
-            raise UserError(f"bad override {key}={value!r}: {str(err).splitlines()[0]}") from err
+            key = ".".join(_walk(merged, key, names=True)[0])
+            updates[n] = (key, value, who)  # as resolved: source() attributes an error under it to its setter
+            try:
+                OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section
+            except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:
+                raise UserError(f"bad override {key}={value!r}: {str(err).splitlines()[0]}") from err
+        except UserError as err:
+            if who == "command line":
+                raise
+            raise RecipeError(str(err), path="overrides", source=who) from err
     try:
         resolved = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:

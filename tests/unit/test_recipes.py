@@ -78,6 +78,28 @@ def test_overrides_address_named_list_items_by_name():
         load_recipe(ROOT / "recipes" / "debug.yaml", ["schedule.stages.1.name=s8", "schedule.stages.s8.phases.0.lr=1"])
 
 
+def test_a_recipe_file_overrides_its_bases_items_by_name(tmp_path):
+    """``overrides:`` in a recipe file: the command line's KEY=VALUE strings, applied after the files merge (a base's
+    stage changed by name, where a list would replace the whole), then the command line's own; a mistake in one is
+    the file's, named with the key."""
+    debug = ROOT / "recipes" / "debug.yaml"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {debug}\noverrides: [schedule.stages.s4.phases.1.steps=7, train.batch_size=2]\n")
+    loaded = load_recipe(child)
+    assert loaded.resolved == load_recipe(debug, ["schedule.stages.1.phases.1.steps=7", "train.batch_size=2"]).resolved
+    assert "overrides" not in loaded.resolved
+    assert load_recipe(child, ["train.batch_size=3"]).recipe.train.batch_size == 3  # the command line comes last
+    child.write_text(f"extends: {debug}\noverrides: [schedule.stages.s4.phases.1.steps=many]\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(child))}: schedule.stages\[1\].phases\[1\].steps: expected"):
+        load_recipe(child)
+    child.write_text(f"extends: {debug}\noverrides: [schedule.stages.s2.phases.1.steps=7]\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(child))}: overrides: bad override .* no item named 's2'"):
+        load_recipe(child)
+    child.write_text(f"extends: {debug}\noverrides: {{train.batch_size: 2}}\n")
+    with pytest.raises(RecipeError, match="overrides: expected a list of KEY=VALUE strings"):
+        load_recipe(child)
+
+
 def test_interpolation_resolves(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"extends: {ROOT / 'recipes' / 'debug.yaml'}\nseed: 7\ndata:\n  size: ${{seed}}\n")

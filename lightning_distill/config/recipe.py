@@ -82,6 +82,11 @@ class TrainConfig:
     save; the newest checkpoint stays the newest finite one), or ``skip`` that optimizer step and count it."""
     max_skipped_steps: Annotated[int, Min(0)] = 10
     """With ``on_nonfinite: skip``: the run stops once a phase has skipped more steps than this."""
+    data_stream: Literal["run", "phase"] = "run"
+    """run: one stream of batches through the whole run (a phase's batches depend on the lengths of the phases
+    before it). phase: each phase draws its own stream, seeded by the run's seed and the phase's index: a change to
+    one phase's length leaves every other phase's batches as they were (ablations and probes compare like with
+    like); a resume inside a phase continues its stream."""
     compile: bool = False
     """``torch.compile`` every module of a phase in place (``nn.Module.compile``: weights and checkpoints keep
     their names). The first steps of each phase then include compilation."""

@@ -21,6 +21,11 @@ from lightning_distill.config.recipe import Recipe
 log = logging.getLogger(__name__)
 
 
+def phase_stream_seed(seed: int, index: int) -> int:
+    """The seed of phase ``index``'s own stream of batches (``train.data_stream: phase``)."""
+    return seed * 10_007 + index + 1
+
+
 def fit(
     fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any], on_start: Callable[[], None] = lambda: None
 ) -> dict[str, float]:
@@ -55,10 +60,16 @@ def fit(
     if hasattr(dataset, "check_codec"):  # cached encodings must hold all the codec gives, before anything is written
         dataset.check_codec(codec, fabric.device)
     on_start()
-    loader = make_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=recipe.seed, fabric=fabric)
-    if resume:
-        loader.load_state_dict(ckpts.load_rank_state(resume)["loader"])
-    batches = iter(loader)
+
+    def open_stream(seed: int, state: dict | None = None) -> tuple[Any, Any]:
+        loader = make_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=seed, fabric=fabric)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader, iter(loader)
+
+    per_phase = cfg.data_stream == "phase"
+    if not per_phase:  # one stream through the run, resumed where the checkpoint left it
+        loader, batches = open_stream(recipe.seed, ckpts.load_rank_state(resume)["loader"] if resume else None)
     method: Method = recipe.method.build(phases=phases, codec=codec, seed=recipe.seed)
     metrics: dict[str, float] = {}
 
@@ -71,7 +82,8 @@ def fit(
             run = setup_phase(fabric, method, phase, artifacts, recipe.optimizer, cfg.compile)
             modules, state = run.modules, run.checkpoint_state()
             skipped = 0  # optimizer steps skipped as non-finite in this phase (train.on_nonfinite: skip)
-            if meta["phase"] == phase.index:  # resume inside this phase
+            resumed = meta["phase"] == phase.index
+            if resumed:  # resume inside this phase
                 own = ckpts.load(resume, state)  # type: ignore[arg-type]
                 set_rng_state(own["rng"])
                 skipped = own.get("skipped", 0)
@@ -80,6 +92,8 @@ def fit(
                         cb.load_state_dict(cb_state)
             else:  # each rank draws its own noise
                 torch.manual_seed(recipe.seed * 100_003 + phase.index * 1009 + fabric.global_rank)
+            if per_phase:  # the phase's own stream: its batches do not depend on the phases before it
+                loader, batches = open_stream(phase_stream_seed(recipe.seed, phase.index), own["loader"] if resumed else None)
             fabric.call("on_phase_start", fabric=fabric, phase=phase, modules=modules, step=step)
 
             while step < phase.end:

@@ -63,6 +63,36 @@ def test_sigkill_and_rerun_ends_bit_identical_to_an_uninterrupted_run(cli, tmp_p
     assert_same_weights(final_weights(whole), final_weights(killed))
 
 
+def test_a_phase_of_its_own_data_stream_does_not_depend_on_the_phases_before_it(cli, tmp_path):
+    """``train.data_stream: phase``: with the first phase held still (lr 0), its length changes nothing in the
+    phase after it; with one stream through the run (the default) it changes that phase's batches, so its result."""
+
+    def second_phase(stream: str, steps: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"{stream}-{steps}"
+        done = cli("train", str(DEBUG_RECIPE), "--out", str(out), f"train.data_stream={stream}",
+                   f"schedule.stages.0.phases.0.steps={steps}", "schedule.stages.0.phases.0.lr=0",
+                   "schedule.stages.1.phases.1.steps=1")
+        assert done.returncode == 0, done.stderr
+        return final_weights(out)["01-s4-cond.safetensors"]
+
+    assert_same_weights({"s4": second_phase("phase", 2)}, {"s4": second_phase("phase", 3)})
+    run2, run3 = second_phase("run", 2), second_phase("run", 3)
+    assert any(not torch.equal(run2[k], run3[k]) for k in run2)
+
+
+@pytest.mark.slow
+def test_a_phase_of_its_own_data_stream_resumes_its_stream(cli, tmp_path):
+    """Killed inside the conditional phase twice (before and after its step-8 checkpoint), rerun: the same weights
+    as the uninterrupted run, with per-phase streams."""
+    opts = [*KILLABLE, "train.data_stream=phase"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *opts).returncode == 0
+    for kill_at in ("7", "11"):
+        assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts, env={"LD_KILL_AT_STEP": kill_at}).returncode
+    assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts).returncode == 0
+    assert_same_weights(final_weights(whole), final_weights(killed))
+
+
 KILL_DURING_SAVE = r"""
 import os, signal, sys, torch
 from pathlib import Path

@@ -82,6 +82,8 @@ def table(rows: list[dict[str, object]]) -> str:
 
 
 def _fmt(v: object) -> str:
+    if v is None:
+        return "–"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)

@@ -52,6 +52,9 @@ def fit(
             "resume with the same devices x num_nodes"
         )
     step: int = meta["step"]
+    if resume and meta.get("data_stream", "run") != cfg.data_stream:  # a position in one stream means nothing in another
+        raise UserError(f"{resume} was written with train.data_stream={meta.get('data_stream', 'run')}, this run has "
+                        f"{cfg.data_stream}; resume with the same setting, or start a new run folder")
 
     dataset = recipe.data.build(seed=recipe.seed)
     # decoded before anything is written: data none of which decodes stops the run with the folder as it was
@@ -82,9 +85,12 @@ def fit(
             run = setup_phase(fabric, method, phase, artifacts, recipe.optimizer, cfg.compile)
             modules, state = run.modules, run.checkpoint_state()
             skipped = 0  # optimizer steps skipped as non-finite in this phase (train.on_nonfinite: skip)
-            resumed = meta["phase"] == phase.index
-            if resumed:  # resume inside this phase
-                own = ckpts.load(resume, state)  # type: ignore[arg-type]
+            own = ckpts.load(resume, state) if meta["phase"] == phase.index else None  # type: ignore[arg-type]
+            if per_phase:  # the phase's own stream (its batches do not depend on the phases before it), opened
+                # before the phase's random state is set: an iterator draws its base seed from the global generator
+                loader = batches = None  # the last phase's workers go first
+                loader, batches = open_stream(phase_stream_seed(recipe.seed, phase.index), own["loader"] if own else None)
+            if own is not None:  # resume inside this phase
                 set_rng_state(own["rng"])
                 skipped = own.get("skipped", 0)
                 for cb, cb_state in zip(callbacks, own["callbacks"]):
@@ -92,8 +98,6 @@ def fit(
                         cb.load_state_dict(cb_state)
             else:  # each rank draws its own noise
                 torch.manual_seed(recipe.seed * 100_003 + phase.index * 1009 + fabric.global_rank)
-            if per_phase:  # the phase's own stream: its batches do not depend on the phases before it
-                loader, batches = open_stream(phase_stream_seed(recipe.seed, phase.index), own["loader"] if resumed else None)
             fabric.call("on_phase_start", fabric=fabric, phase=phase, modules=modules, step=step)
 
             while step < phase.end:
@@ -138,7 +142,8 @@ def fit(
                         "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
                         "skipped": skipped,
                     }
-                    ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name})
+                    ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name,
+                                                  "data_stream": cfg.data_stream})
             fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
     except Diverged as err:  # callbacks flush what they hold (TensorBoard), then the CLI says why
         fabric.call("on_fit_abort", fabric=fabric, step=step, error=err)

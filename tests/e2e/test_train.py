@@ -82,13 +82,17 @@ def test_a_phase_of_its_own_data_stream_does_not_depend_on_the_phases_before_it(
 
 @pytest.mark.slow
 def test_a_phase_of_its_own_data_stream_resumes_its_stream(cli, tmp_path):
-    """Killed inside the conditional phase twice (before and after its step-8 checkpoint), rerun: the same weights
-    as the uninterrupted run, with per-phase streams."""
+    """Killed twice (inside the conditional phase before its step-8 checkpoint, then after it), rerun: the same
+    weights as the uninterrupted run, with per-phase streams; a resume with the other setting is refused."""
     opts = [*KILLABLE, "train.data_stream=phase"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *opts).returncode == 0
     for kill_at in ("7", "11"):
-        assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts, env={"LD_KILL_AT_STEP": kill_at}).returncode
+        done = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts, env={"LD_KILL_AT_STEP": kill_at})
+        assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (killed / "checkpoints" / "step-00000008").is_dir()  # the second kill resumed inside the phase
+    other = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *KILLABLE)
+    assert other.returncode == 2 and "train.data_stream=phase" in other.stderr
     assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts).returncode == 0
     assert_same_weights(final_weights(whole), final_weights(killed))
 

@@ -228,6 +228,10 @@ def test_accuracy_at_the_lowest_renoise_level_counts_only_the_pairs_renoised_the
     _, logs = method.training_step(prepared, "discriminator")
     assert float(logs["d/accuracy"]) == 0.5
     assert float(logs["d/accuracy_lowest"]) == 0.75 and float(logs["d/lowest_share"]) == 0.5
+    # the same logits as a column (a plugin discriminator's (B, 1)): the same accuracy, per pair
+    logits = iter([torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]), torch.tensor([[-1.0], [-1.0], [1.0], [1.0]])])
+    _, logs = method.training_step(prepared, "discriminator")
+    assert float(logs["d/accuracy_lowest"]) == 0.75 and float(logs["d/lowest_share"]) == 0.5
     # a batch with no pair at the lowest level: share 0 (the report's pooling ignores its accuracy)
     logits = iter([torch.ones(4), -torch.ones(4)])
     prepared["t_disc"] = torch.tensor([250, 250, 250, 10])

@@ -71,7 +71,7 @@ def _lowest_level_accuracy(real: Tensor, fake: Tensor, batch: dict, lowest: int)
     and their share of the batch. The report pools the accuracy over a window weighted by the share; a batch with
     no such pair logs accuracy 0 at share 0, which the pooling ignores."""
     at = (batch["renoise"] & (batch["t_disc"] == lowest)).float()
-    correct = ((real > 0).float() + (fake < 0).float()) / 2
+    correct = (((real > 0).float() + (fake < 0).float()) / 2).reshape(len(at), -1).mean(1)  # per pair, any logit shape
     return {"d/accuracy_lowest": (correct * at).sum() / at.sum().clamp(min=1), "d/lowest_share": at.mean()}
 
 

@@ -52,9 +52,6 @@ def fit(
             "resume with the same devices x num_nodes"
         )
     step: int = meta["step"]
-    if resume and meta.get("data_stream", "run") != cfg.data_stream:  # a position in one stream means nothing in another
-        raise UserError(f"{resume} was written with train.data_stream={meta.get('data_stream', 'run')}, this run has "
-                        f"{cfg.data_stream}; resume with the same setting, or start a new run folder")
 
     dataset = recipe.data.build(seed=recipe.seed)
     # decoded before anything is written: data none of which decodes stops the run with the folder as it was
@@ -142,8 +139,7 @@ def fit(
                         "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
                         "skipped": skipped,
                     }
-                    ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name,
-                                                  "data_stream": cfg.data_stream})
+                    ckpts.save(step, state, own, {"phase": phase.index, "phase_name": phase.name})
             fabric.call("on_phase_end", fabric=fabric, phase=phase, modules=modules, step=step)
     except Diverged as err:  # callbacks flush what they hold (TensorBoard), then the CLI says why
         fabric.call("on_fit_abort", fabric=fabric, step=step, error=err)

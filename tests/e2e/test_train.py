@@ -91,8 +91,8 @@ def test_a_phase_of_its_own_data_stream_resumes_its_stream(cli, tmp_path):
         done = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts, env={"LD_KILL_AT_STEP": kill_at})
         assert done.returncode == -signal.SIGKILL, done.stderr
     assert (killed / "checkpoints" / "step-00000008").is_dir()  # the second kill resumed inside the phase
-    other = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *KILLABLE)
-    assert other.returncode == 2 and "train.data_stream=phase" in other.stderr
+    other = cli("train", str(DEBUG_RECIPE), "--out", str(killed), *KILLABLE)  # the folder's recipe differs: refused
+    assert other.returncode == 2 and "-  data_stream: phase\n+  data_stream: run" in other.stderr
     assert cli("train", str(DEBUG_RECIPE), "--out", str(killed), *opts).returncode == 0
     assert_same_weights(final_weights(whole), final_weights(killed))
 

@@ -26,6 +26,21 @@ def phase_stream_seed(seed: int, index: int) -> int:
     return seed * 10_007 + index + 1
 
 
+def reduce_logs(fabric: Any, logs: dict[str, torch.Tensor], weights: dict[str, str]) -> dict[str, float]:
+    """Each log averaged over the ranks; one named in ``weights`` (:attr:`Method.log_weights`) pooled by the log of
+    its share instead, 0 where no rank has any. Every rank calls this with the same keys (collectives in order)."""
+    out = {}
+    for key, value in logs.items():
+        share = logs.get(weights.get(key, ""))
+        if share is not None and fabric.world_size > 1:
+            total = fabric.all_reduce((value * share).to(fabric.device), reduce_op="sum")
+            shares = fabric.all_reduce(share.to(fabric.device), reduce_op="sum")
+            out[key] = float(total / shares) if float(shares) > 0 else 0.0
+        else:
+            out[key] = float(fabric.all_reduce(value.to(fabric.device), reduce_op="mean"))
+    return out
+
+
 def fit(
     fabric: Any, recipe: Recipe, out_dir: Path, callbacks: list[Any], on_start: Callable[[], None] = lambda: None
 ) -> dict[str, float]:
@@ -115,7 +130,7 @@ def fit(
                 fabric.call("on_step_end", fabric=fabric, phase=phase, step=step, logs=logs, modules=modules)
 
                 if step % cfg.log_every == 0 or step == phase.end:
-                    metrics = {k: float(fabric.all_reduce(v.to(fabric.device), reduce_op="mean")) for k, v in logs.items()}
+                    metrics = reduce_logs(fabric, logs, method.log_weights)
                     fabric.call("on_log", fabric=fabric, phase=phase, step=step, metrics=metrics)
                 if (cfg.preview_every and step % cfg.preview_every == 0) or step == phase.end:
                     method.attach(module_views(modules, active=None))

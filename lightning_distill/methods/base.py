@@ -147,6 +147,10 @@ class PhaseModel:
 class Method:
     """Base class of training methods. Subclasses register in ``METHODS`` and implement the four calls below."""
 
+    log_weights: dict[str, str] = {}
+    """Logs that average over part of a batch, each with the log of that part's share: across ranks the loop pools
+    such a log weighted by its share (a rank with none of that part counts for nothing); the others by plain mean."""
+
     def build_phase(self, phase: Phase, artifacts: ArtifactLoader, empty: bool = False) -> dict[str, nn.Module]:
         """Fresh, unsharded modules for ``phase`` by name. Those named in ``phase.optimizers`` are trained; the
         others are frozen. ``artifacts(i)`` loads what phase ``i`` left (its students, for instance). With

@@ -244,6 +244,54 @@ def test_accuracy_at_the_lowest_renoise_level_counts_only_the_pairs_renoised_the
     assert "d/accuracy_lowest" not in logs and "d/lowest_share" not in logs and "d/accuracy" in logs
 
 
+def test_logs_over_part_of_a_batch_are_pooled_across_ranks_by_their_share():
+    """TensorBoard's ``d/accuracy_lowest`` over two ranks (threads standing in for them, one all-reduce at a time):
+    weighted by each rank's ``d/lowest_share``, as the report pools it over steps, while other logs take the plain
+    mean; no pair at the lowest level on any rank gives 0, and one rank gives its own value unchanged."""
+    import threading
+
+    from lightning_distill.engine.loop import reduce_logs
+    from lightning_distill.methods.lightning.method import ProgressiveDistillation
+
+    weights = ProgressiveDistillation.log_weights
+    assert weights == {"d/accuracy_lowest": "d/lowest_share"}
+
+    class Rank:
+        device = "cpu"
+
+        def __init__(self, rank, world, board, barrier):
+            self.rank, self.world_size, self.board, self.barrier = rank, world, board, barrier
+
+        def all_reduce(self, tensor, reduce_op):
+            self.board[self.rank] = tensor.clone()
+            self.barrier.wait()
+            total = sum(self.board[r] for r in range(self.world_size))
+            self.barrier.wait()  # every rank has read the board before the next collective writes it
+            return total if reduce_op == "sum" else total / self.world_size
+
+    def reduce(per_rank):
+        world, board, out = len(per_rank), {}, {}
+        barrier = threading.Barrier(world)
+        threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, reduce_logs(
+            Rank(r, world, board, barrier), {k: torch.tensor(v) for k, v in per_rank[r].items()}, weights)))
+            for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert out[0] == out[world - 1]  # every rank logs the same
+        return out[0]
+
+    logs = reduce([{"d/accuracy": 0.75, "d/accuracy_lowest": 1.0, "d/lowest_share": 0.25},
+                   {"d/accuracy": 0.25, "d/accuracy_lowest": 0.0, "d/lowest_share": 0.75}])
+    assert logs["d/accuracy_lowest"] == pytest.approx(0.25)  # (1.0 * 0.25 + 0.0 * 0.75) / 1.0; a plain mean: 0.5
+    assert logs["d/accuracy"] == pytest.approx(0.5) and logs["d/lowest_share"] == pytest.approx(0.5)
+    none = reduce([{"d/accuracy_lowest": 0.0, "d/lowest_share": 0.0}, {"d/accuracy_lowest": 0.0, "d/lowest_share": 0.0}])
+    assert none["d/accuracy_lowest"] == 0.0
+    one = reduce([{"d/accuracy_lowest": 0.6, "d/lowest_share": 0.0}])
+    assert one["d/accuracy_lowest"] == pytest.approx(0.6)
+
+
 def test_the_discriminator_step_adds_each_due_regulariser_with_its_weight(tmp_path):
     method, phase, batch = _adversarial_phase(tmp_path, "method.adversarial_loss.name=rpgan",
                                               "method.regularizers=[{name: r1, weight: 0.5, every: 2}, {name: approx_r1}]")

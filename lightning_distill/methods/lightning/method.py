@@ -108,6 +108,8 @@ def _distributed() -> bool:
 
 @METHODS.register("distill")
 class ProgressiveDistillation(Method):
+    log_weights = {"d/accuracy_lowest": "d/lowest_share"}
+
     @dataclass(kw_only=True)
     class Config:
         teacher: component("teacher")  # type: ignore[valid-type]

@@ -242,13 +242,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
     updates += [(*update, "command line") for update in _parse_overrides(list(overrides))]
 
     def source(key: str) -> str | None:
-        # Who set the key: the command line, else the layer holding its deepest existing prefix (a wrong value
-        # names the file holding it; a missing or unknown key, the file that wrote its section).
+        # Who set the key: the override that set it or a section above it (the last applied), else the layer
+        # holding its deepest existing prefix (a wrong value names the file holding it; a missing or unknown key,
+        # the file that wrote its section). An error about a whole section names that file and, as the other
+        # possible cause, the last override applied inside the section.
         key = re.sub(r"\[(\d+)\]", r".\1", key)
-        setter = next((who for k, _, who in reversed(updates) if key and (key == k or key.startswith(k + ".")
-                                                                           or k.startswith(key + "."))), None)
-        if setter is not None:  # set by an override: the last one applied
+        setter = next((who for k, _, who in reversed(updates) if key and (key == k or key.startswith(k + "."))), None)
+        if setter is not None:
             return setter
+        inside = next(((k, who) for k, _, who in reversed(updates) if key and k.startswith(key + ".")), None)
         parts = key.split(".") if key else []
         owner = layers[-1][0]
         for depth in range(1, len(parts) + 1):
@@ -260,6 +262,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
             owner = holder[0]
             if not isinstance(holder[1], dict):  # lists and values replace, never merge
                 break
+        if inside is not None and inside[1] != owner:
+            return f"{owner} (or the {inside[1]}'s {inside[0]})" if inside[1] == "command line" else \
+                f"{owner} (or {inside[1]}'s override {inside[0]})"
         return owner
 
     try:
@@ -296,11 +301,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
     for flag in ("offload_frozen", "meta_init"):
         if getattr(recipe.fabric, flag) and recipe.fabric.strategy != "fsdp2":
             raise RecipeError(f"{flag} needs strategy: fsdp2", path=f"fabric.{flag}", source=source("fabric"))
-    phases = recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
-    for spec in (recipe.method, *recipe.callbacks):  # components' own cross-checks against the schedule
-        check = getattr(spec.component(), "check", None)
-        if check is not None:
-            check(spec.config, phases)
+    section = "schedule"
+    try:  # cross-checks between keys, named by the file (or override) that wrote their section
+        phases = recipe.schedule.build().phases()  # the schedule is pure: its mistakes surface here, before any model loads
+        for section, spec in (("method", recipe.method), *(("callbacks", c) for c in recipe.callbacks)):
+            check = getattr(spec.component(), "check", None)  # components' own cross-checks against the schedule
+            if check is not None:
+                check(spec.config, phases)
+    except RecipeError:
+        raise
+    except UserError as err:
+        raise RecipeError(str(err), source=source(section)) from err
     return LoadedRecipe(recipe=recipe, resolved=to_dict(recipe))
 
 

@@ -100,6 +100,26 @@ def test_a_recipe_file_overrides_its_bases_items_by_name(tmp_path):
         load_recipe(child)
 
 
+def test_a_cross_check_names_the_file_of_its_section_and_the_override_inside_it(tmp_path):
+    """A mistake found across keys (here the schedule's: a warm-up as long as its phase) names the file that wrote
+    the section and, as the other possible cause, the last override applied inside the section."""
+    debug = ROOT / "recipes" / "debug.yaml"
+    problem = r"schedule: stage 's4': discriminator_warmup \(500\) leaves the student no step"
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(debug))} \(or the command line's "
+                                          rf"schedule.stages.1.phases.0.discriminator_warmup\): {problem}"):
+        load_recipe(debug, ["schedule.stages.s4.phases.0.discriminator_warmup=500"])
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {debug}\noverrides: [schedule.stages.s4.phases.0.discriminator_warmup=500]\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(debug))} \(or {re.escape(str(child))}'s override "
+                                          rf"schedule.stages.1.phases.0.discriminator_warmup\): {problem}"):
+        load_recipe(child)
+    own = tmp_path / "own.yaml"  # the file alone wrote it
+    own.write_text(debug.read_text().replace("{kind: adversarial, conditional: true, steps: 4,",
+                                             "{kind: adversarial, conditional: true, steps: 4, discriminator_warmup: 500,"))
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(own))}: {problem}"):
+        load_recipe(own)
+
+
 def test_interpolation_resolves(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"extends: {ROOT / 'recipes' / 'debug.yaml'}\nseed: 7\ndata:\n  size: ${{seed}}\n")

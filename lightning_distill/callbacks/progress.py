@@ -49,7 +49,7 @@ class Progress(Callback):
     def on_log(self, *, metrics: dict[str, float], **_: Any) -> None:
         if self.bar is not None:
             shown = {k.removeprefix("loss/"): f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss/")}
-            if "d/accuracy" in metrics:  # 0.5: the discriminator is at chance, its gradient tells the student nothing
+            if "d/accuracy" in metrics:  # 0.5: by sign at chance (d/pair_accuracy says whether it still ranks pairs)
                 shown["D acc"] = f"{metrics['d/accuracy']:.2f}"
             self.bar.set_postfix(shown, refresh=False)
 

@@ -399,7 +399,7 @@ class ProgressiveDistillation(Method):
             "loss/discriminator": adversarial.detach(),
             "d/p_real": torch.sigmoid(real_logits.detach().float()).mean(),
             "d/p_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
-            # how often D tells them apart: 0.5 is a discriminator at chance (a dead one), 1 a perfect one
+            # how often D labels them right by sign: 0.5 is chance (also where every pair shares a sign), 1 a perfect one
             "d/accuracy": ((real_logits.detach() > 0).float().mean() + (fake_logits.detach() < 0).float().mean()) / 2,
             # how often the teacher's sample scores above the student's made from the same x_t: the ranking, which a
             # relativistic loss learns (it leaves the logits' offset free, so d/accuracy can sit at 0.5 beside it)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def main() -> None:
         discriminator += [{**r, "seed": seed} for r in tree.get("discriminator", [])]
     recipe = Path(args.recipe).resolve()
     named = [] if recipe == RECIPE else ["--recipe", str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)]
-    command = " ".join(["python benchmarks/fidelity.py", *named, "--seeds", *map(str, args.seeds), *args.overrides])
+    command = " ".join(["python benchmarks/fidelity.py", *named, "--seeds", *map(str, args.seeds),
+                        *(["--", *map(shlex.quote, args.overrides)] if args.overrides else [])])  # runnable as printed
     Path(args.json).write_text(json.dumps({"command": command, "seeds": args.seeds, "results": results,
                                            "discriminator": discriminator}, indent=1))
     import torch

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -105,7 +106,7 @@ def main() -> None:
         summary.append(row)
     named = str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)
     command = " ".join(["python benchmarks/stage_probe.py", "--runs", args.runs, "--recipe", named, "--seeds",
-                        *map(str, args.seeds), *(f"'{o}'" for o in args.overrides)])
+                        *map(str, args.seeds), *(["--", *map(shlex.quote, args.overrides)] if args.overrides else [])])  # runnable as printed
     import torch
 
     record(f"Stage probe: {recipe.name} from the runs in {Path(args.runs).name} (mean ± sd over seeds)", command,

@@ -76,7 +76,8 @@ def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
                           cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     tree = json.loads(summary.read_text())
-    assert tree["seeds"] == [0, 1] and "--seeds 0 1" in tree["command"]
+    assert tree["seeds"] == [0, 1] and "--seeds 0 1 -- schedule.steps_scale=0.01 " in tree["command"]  # runnable as printed
+    assert "'callbacks.2.teacher.steps=[4]'" in tree["command"]  # quoted for the shell
     rows = tree["results"]
     assert {r["seed"] for r in rows} == {0, 1}
     per_seed = [{(r["model"], r["steps"]) for r in rows if r["seed"] == s} for s in (0, 1)]

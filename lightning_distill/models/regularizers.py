@@ -1,5 +1,5 @@
-"""Discriminator regularisers: zero-centred gradient penalties on real (R1) and fake (R2) inputs, and the
-approximate R1 that needs no double backward.
+"""Discriminator regularisers: zero-centred gradient penalties on real (R1) and fake (R2) inputs, the
+approximate R1 that needs no double backward, and a penalty on what a pair's logits share (pair centering).
 
 Each is applied in the discriminator's step, lazily (every ``every``-th discriminator step, its weight multiplied
 by ``every`` so that the average strength stays the same: StyleGAN2's lazy regularisation), and logs its value as
@@ -104,3 +104,18 @@ class ApproximateR1(Regularizer):
         x = real.detach()
         perturbed = d(x + self.config.sigma * torch.randn_like(x))
         return (real_logits.float() - perturbed.float()).square().mean()
+
+
+@REGULARIZERS.register("pair_centering")
+class PairCentering(Regularizer):
+    """``mean_i ((D(real_i) + D(fake_i)) / 2)²``: a penalty on what a pair's logits share, which the loss leaves
+    nearly free. ``real_i`` and ``fake_i`` come from the same ``x_t`` and re-noise, so that shared part is an offset
+    per sample (its content), not evidence: against a student close to its teacher it grows as fast as the gap
+    that ranks the pair (``d/shared_spread`` against ``d/margin``) and keeps the logits' signs at chance while the
+    ranking is learnt. The non-saturating loss pulls it to 0 with a force of about ``s / 2`` per pair; this adds
+    ``2 weight s``. Its gradient is the same on both logits of a pair, so it leaves their difference alone (ProGAN's
+    drift penalty ``ε D(real)²`` centres the real logits alone, this the pair's mean). No backward through the
+    inputs: any backbone, any strategy."""
+
+    def __call__(self, d: Discriminate, real: Tensor, fake: Tensor, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return ((real_logits.float() + fake_logits.float()) / 2).square().mean()

@@ -142,6 +142,22 @@ def test_approximate_r1_is_a_finite_difference_on_real_inputs():
     assert a.grad is not None and float(a.grad.abs().sum()) > 0  # a single backward reaches D's weights
 
 
+def test_pair_centering_penalises_what_a_pair_shares_and_leaves_its_gap_alone():
+    real = REAL.clone().requires_grad_(True)
+    fake = FAKE.clone().requires_grad_(True)
+    value = _reg("pair_centering")(None, None, None, real, fake)
+    # shared parts (2 - 3) / 2, (-1 + 0) / 2, (0.5 + 1.5) / 2 = -0.5, -0.5, 1.0: mean of squares 1.5 / 3
+    assert float(value) == pytest.approx(0.5)
+    value.backward()
+    shared = torch.tensor([-0.5, -0.5, 1.0])
+    assert torch.allclose(real.grad, shared / 3) and torch.allclose(fake.grad, shared / 3)  # d/dr = d/df = s / n
+    # hence no gradient along the gap r - f: moving both logits of a pair apart by the same amount costs nothing
+    gap = torch.tensor([0.3, -2.0, 1.0])
+    moved = _reg("pair_centering")(None, None, None, REAL + gap, FAKE - gap)
+    assert float(moved) == pytest.approx(0.5)
+    assert float(_reg("pair_centering")(None, None, None, REAL, -REAL)) == 0.0
+
+
 def test_lazy_regularisation_steps_on_the_right_iterations():
     assert [i for i in range(10) if regularizer_due(i, 4)] == [0, 4, 8]
     assert all(regularizer_due(i, 1) for i in range(5))

@@ -137,7 +137,7 @@ def test_branch_from_starts_a_second_ladder():
 
 def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
     """flow_lightning.yaml copies lightning.yaml's stages (lists replace under extends) to add the 2-step MSE start
-    and to give the 2- and 1-step adversarial phases their discriminators' optimizer and longer warm-ups, the
+    and to give the 4-, 2- and 1-step adversarial phases their discriminators' optimizer and longer warm-ups, the
     anchor to the teacher, and at 1 step the student's betas: the copy must not drift from the main job's schedule
     in anything else."""
     main = load_recipe(TINY / "lightning.yaml").resolved["schedule"]
@@ -147,7 +147,7 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
     assert first["kind"] == "mse" and first["teacher_from"] == "s8" and first["steps"] == 50
     changed = 0
     for stage, ours in zip(flow["stages"], main["stages"]):
-        if stage["name"] not in ("l2", "l1", "a2", "a1"):
+        if stage["name"] not in ("l4", "l2", "l1", "a2", "a1"):
             continue
         for phase, theirs in zip(stage["phases"], ours["phases"]):
             if phase["kind"] != "adversarial":
@@ -156,7 +156,7 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
             assert phase["steps"] - phase["discriminator_warmup"] == theirs["steps"] - theirs["discriminator_warmup"]
             assert phase["discriminator_warmup"] == (60 if phase["conditional"] else 30)
             assert phase["discriminator_lr"] == 1.0e-4 and phase["regression_weight"] == 10.0
-            if stage["name"] in ("l2", "a2"):  # the discriminator's betas its own, the student's the main job's
+            if stage["name"] in ("l4", "l2", "a2"):  # the discriminator's betas its own, the student's the main job's
                 assert phase["discriminator_betas"] == [0.5, 0.999] and phase["betas"] == theirs["betas"]
             else:  # one pair of betas for both
                 assert phase["discriminator_betas"] is None and phase["betas"] == [0.5, 0.999]
@@ -164,7 +164,7 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
                         "betas"):
                 phase[key] = theirs[key]
             changed += 1
-    assert changed == 8
+    assert changed == 10
     assert flow == main
 
 

@@ -299,4 +299,5 @@ def check_rows(config: EvalConfig, phases: list[Any]) -> None:
     for row in config.models:
         if row.stage not in names:
             raise UserError(f"callbacks report: models stage {row.stage!r} is not in the schedule; "
-                            f"choose one of {', '.join(sorted(names))}")
+                            f"choose one of {', '.join(sorted(names))} (a schedule cut by until trains none "
+                            "after it: list the report's models for the stages it keeps)")

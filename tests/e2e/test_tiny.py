@@ -168,6 +168,24 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
     assert flow == main
 
 
+def test_until_trains_the_ladder_up_to_a_stage():
+    """``schedule.until`` keeps the stages up to the named one, each phase exactly as in the whole ladder (index,
+    steps, options), so that a run cut there starts every later stage where the whole run would; a name that is
+    no stage is refused with the names, and the report's rows must name stages that are kept."""
+    from lightning_distill.errors import UserError
+
+    whole = load_recipe(TINY / "lightning.yaml").recipe.schedule.build().phases()
+    rows = "callbacks.2.models=[{model: lightning, stage: l4}, {model: lightning, stage: l2}]"
+    cut = load_recipe(TINY / "lightning.yaml", ["schedule.until=l2", rows]).recipe.schedule.build().phases()
+    assert [p.stage for p in cut] == ["s8", "l4", "l4", "l2", "l2"]
+    assert [(p.index, p.name, p.start, p.end, p.options) for p in cut] == \
+           [(p.index, p.name, p.start, p.end, p.options) for p in whole[: len(cut)]]
+    with pytest.raises(UserError, match="until 'l3' is not a stage; choose one of s8, l4, l2, l1, m4"):
+        load_recipe(TINY / "lightning.yaml", ["schedule.until=l3"])
+    with pytest.raises(UserError, match="models stage 'l1' is not in the schedule.*cut by until"):
+        load_recipe(TINY / "lightning.yaml", ["schedule.until=l2"])
+
+
 def test_branch_from_must_name_an_earlier_stage(tmp_path):
     from lightning_distill.errors import UserError
 

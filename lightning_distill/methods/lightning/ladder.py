@@ -137,9 +137,24 @@ class Ladder:
         steps_scale: NonNegativeFloat = 1.0
         """Multiplies every phase's steps (at least 1 each): ``schedule.steps_scale=0.1`` is a quick trial run of
         the same ladder."""
+        until: str | None = None
+        """Train the stages up to this one (in the listed order) and leave out those after it: the first part of a
+        ladder (``schedule.until=l4``), or a stage probe that must start where the recipe's own run did
+        (``recipes/tiny/probes/stage_*.yaml``). None: every stage."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+
+    def stages(self) -> list[StageConfig]:
+        """The stages trained: all of them, or those up to ``until``."""
+        stages = list(self.config.stages)
+        until = self.config.until
+        if until is None:
+            return stages
+        names = [stage.name for stage in stages]
+        if until not in names:
+            raise UserError(f"schedule: until {until!r} is not a stage; choose one of {', '.join(names) or 'none'}")
+        return stages[: names.index(until) + 1]
 
     def phases(self) -> list[Phase]:
         specs = []
@@ -148,7 +163,7 @@ class Ladder:
         steps_of: dict[str, int] = {}
         prediction_of: dict[str, str | None] = {}
         last_phase_of: dict[str, int] = {}
-        for stage in self.config.stages:
+        for stage in self.stages():
             where = f"schedule: stage {stage.name!r}"
             train = stage.train_timesteps or stage.student_steps
             branch = stage.branch_from

@@ -3,8 +3,8 @@
 A full run per setting costs 10 minutes and mixes a change to the 1-step stage with every stage before it. This
 probe takes the runs ``benchmarks/fidelity.py`` left (``--runs``: one ``seed-N`` folder each) and a probe recipe
 whose ladder is theirs cut after the probed stage (``schedule.until``: the stages before it unchanged, the last stage
-as shipped or as the variant's overrides want it: ``recipes/tiny/probes/stage_*.yaml``). For each seed it copies the finished phases before the stage into
-a new run folder, marks them done with a checkpoint at the stage's first step (the data loader's state is the
+as shipped or as the variant's overrides want it: ``recipes/tiny/probes/stage_*.yaml``). For each seed it copies the
+finished phases before the stage into a new run folder, marks them done with a checkpoint at the stage's first step (the data loader's state is the
 finished run's last, so the stage sees a fresh stream of batches), trains the stage alone and its report, and
 prints each of the report's student rows per seed and as mean ± sd over the seeds. Two variants of a stage on the
 same seeds start from the same students: a difference between them is the variant's, a spread within one is the

@@ -7,6 +7,7 @@ Frozen modules (the teacher) are sharded too and simply get no optimizer.
 
 from __future__ import annotations
 
+import atexit
 import functools
 from typing import Any
 
@@ -68,6 +69,23 @@ def build_fabric(config: FabricConfig, callbacks: list[Any]) -> Any:
         precision=config.precision,
         callbacks=callbacks,
     )
+
+
+def launch(fabric: Any) -> None:
+    """``fabric.launch()``, and destroy the process group at exit, while the interpreter is still whole.
+
+    Left to interpreter finalization, gloo's worker threads can still hold tensors whose release needs the GIL,
+    and the process aborts ("terminate called without an active exception") after its work is done.
+    """
+    fabric.launch()
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def uses_wrapper(fabric: Any) -> bool:

@@ -49,7 +49,7 @@ def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float] | None:
 
     Returns the last logged metrics on the main process, None on the others.
     """
-    from lightning_distill.engine.distributed import build_fabric
+    from lightning_distill.engine.distributed import build_fabric, launch
     from lightning_distill.engine.loop import fit
 
     recipe = loaded.recipe
@@ -59,7 +59,7 @@ def train(loaded: LoadedRecipe, out_dir: Path) -> dict[str, float] | None:
     callbacks += getattr(recipe.method.component(), "callbacks", lambda _: [])(recipe.method.config)
     fabric = build_fabric(recipe.fabric, callbacks)
     fabric.meta_init = recipe.fabric.meta_init
-    fabric.launch()
+    launch(fabric)
 
     def write_recipe() -> None:  # once the data opened: a run that cannot start leaves the folder as it was
         if fabric.is_global_zero:

@@ -14,7 +14,7 @@ import torch
 
 from lightning_distill.engine.artifacts import Artifacts
 from lightning_distill.engine.checkpoint import Checkpoints
-from lightning_distill.engine.distributed import build_fabric
+from lightning_distill.engine.distributed import build_fabric, launch
 from lightning_distill.engine.phase import module_views, setup_phase
 from lightning_distill.config.recipe import load_recipe
 
@@ -41,7 +41,7 @@ def main(out_dir: Path) -> None:
     loaded = load_recipe(RECIPE, ["fabric.devices=2", "fabric.strategy=fsdp2"])
     recipe = loaded.recipe
     fabric = build_fabric(recipe.fabric, callbacks=[])
-    fabric.launch()
+    launch(fabric)
     phases = recipe.schedule.build().phases()
     phase = phases[1]  # conditional adversarial: student and discriminator, two optimizers
     codec = fabric.to_device(recipe.codec.build())

@@ -16,12 +16,12 @@ import torch
 from lightning_distill.config.fields import validate
 from lightning_distill.config.recipe import FabricConfig
 from lightning_distill.config.registry import DISCRIMINATORS, TEACHERS
-from lightning_distill.engine.distributed import build_fabric
+from lightning_distill.engine.distributed import build_fabric, launch
 
 
 def main(out_dir: Path, pipeline: str) -> None:
     fabric = build_fabric(validate({"accelerator": "cpu", "devices": 2, "strategy": "fsdp2"}, FabricConfig), [])
-    fabric.launch()
+    launch(fabric)
     torch.manual_seed(0)  # the same modules on every rank
     cls = TEACHERS.get("sd3")
     teacher = cls(validate({"pretrained": pipeline}, cls.Config)).requires_grad_(False).eval()

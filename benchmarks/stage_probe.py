@@ -4,11 +4,11 @@ A full run per setting costs 10 minutes and mixes a change to the 1-step stage w
 probe takes the runs ``benchmarks/fidelity.py`` left (``--runs``: one ``seed-N`` folder each) and a probe recipe
 whose ladder is theirs cut after the probed stage (``schedule.until``: the stages before it unchanged, the last stage
 as shipped or as the variant's overrides want it: ``recipes/tiny/probes/stage_*.yaml``). For each seed it copies the
-finished phases before the stage into a new run folder, marks them done with a checkpoint at the stage's first step (the data loader's state is the
-finished run's last, so the stage sees a fresh stream of batches), trains the stage alone and its report, and
-prints each of the report's student rows per seed and as mean ± sd over the seeds. Two variants of a stage on the
-same seeds start from the same students: a difference between them is the variant's, a spread within one is the
-stage's own. A finished probe folder is only read again.
+finished phases before the stage into a new run folder, marks them done with a checkpoint at the stage's first step
+(the data loader's state is the finished run's last, so the stage sees a fresh stream of batches), trains the stage
+alone and its report, and prints each of the report's student rows per seed and as mean ± sd over the seeds. Two
+variants of a stage on the same seeds start from the same students: a difference between them is the variant's, a
+spread within one is the stage's own. A finished probe folder is only read again.
 
     python benchmarks/stage_probe.py --runs runs/fidelity --recipe recipes/tiny/probes/stage_l1.yaml \\
         --out runs/stage-probe/l1 --seeds 0 1 2 3 4
@@ -94,7 +94,8 @@ def main() -> None:
         for r in tree["results"]:
             if not r["model"].startswith("teacher"):
                 rows.append({"model": r["model"], "steps": r["steps"], "seed": seed, **{m: r[m] for m in METRICS}})
-                print(f"seed {seed}: {r['model']} {r['steps']} step(s): " + ", ".join(f"{m} {r[m]:.3f}" for m in METRICS))
+                print(f"seed {seed}: {r['model']} {r['steps']} step(s): "
+                      + ", ".join(f"{m} {r[m]:.3f}" for m in METRICS))
     summary = []
     for key in dict.fromkeys((r["model"], r["steps"]) for r in rows):
         group = [r for r in rows if (r["model"], r["steps"]) == key]
@@ -105,8 +106,9 @@ def main() -> None:
         row["fd per seed"] = ", ".join(f"{r['fd']:.1f}" for r in group)
         summary.append(row)
     named = str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)
+    overrides = ["--", *map(shlex.quote, args.overrides)] if args.overrides else []  # runnable as printed
     command = " ".join(["python benchmarks/stage_probe.py", "--runs", args.runs, "--recipe", named, "--seeds",
-                        *map(str, args.seeds), *(["--", *map(shlex.quote, args.overrides)] if args.overrides else [])])  # runnable as printed
+                        *map(str, args.seeds), *overrides])
     import torch
 
     record(f"Stage probe: {recipe.name} from the runs in {Path(args.runs).name} (mean ± sd over seeds)", command,

@@ -78,6 +78,12 @@ def launch(fabric: Any) -> None:
     and the process aborts ("terminate called without an active exception") after its work is done.
     """
     fabric.launch()
+    _register_destroy()
+
+
+@functools.cache
+def _register_destroy() -> None:
+    """Register the exit handler once per process, however many runs it launches."""
     atexit.register(_destroy_process_group)
 
 

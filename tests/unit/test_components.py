@@ -315,3 +315,27 @@ def test_x0_conversion_on_a_schedule_with_almost_no_signal_at_t_is_warned_before
                                    .replace("0.02}", "0.012}")])
         load_recipe(DEBUG_RECIPE, [linear])  # no x0 conversion: nothing to say
     assert "x0_convert" not in caplog.text
+
+
+def test_launch_registers_its_exit_handler_once_per_process(monkeypatch):
+    """Every ``train`` launches its Fabric; a process that trains several times destroys its group once."""
+    import atexit
+
+    from lightning_distill.engine import distributed
+
+    class Launched:
+        calls = 0
+
+        def launch(self):
+            Launched.calls += 1
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    distributed._register_destroy.cache_clear()
+    try:
+        for _ in range(3):
+            distributed.launch(Launched())
+    finally:
+        distributed._register_destroy.cache_clear()  # a later launch in this process registers for real
+    assert Launched.calls == 3
+    assert registered == [distributed._destroy_process_group]

@@ -14,7 +14,7 @@ import torch
 
 from lightning_distill.engine.artifacts import Artifacts
 from lightning_distill.engine.checkpoint import Checkpoints
-from lightning_distill.engine.distributed import build_fabric, launch
+from lightning_distill.engine.distributed import build_fabric, exit_together, launch
 from lightning_distill.engine.phase import module_views, setup_phase
 from lightning_distill.config.recipe import load_recipe
 
@@ -92,6 +92,7 @@ def main(out_dir: Path) -> None:
             "sharded_files": sharded, "world_size": fabric.world_size,
             "param_is_dtensor": type(next(modules2["student"].parameters())).__name__,
         }, indent=1))
+    exit_together(fabric)  # no interpreter finalization for gloo to abort in
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from lightning_distill.config.fields import validate
 from lightning_distill.config.recipe import FabricConfig
 from lightning_distill.config.registry import DISCRIMINATORS, TEACHERS
-from lightning_distill.engine.distributed import build_fabric, launch
+from lightning_distill.engine.distributed import build_fabric, exit_together, launch
 
 
 def main(out_dir: Path, pipeline: str) -> None:
@@ -57,6 +57,7 @@ def main(out_dir: Path, pipeline: str) -> None:
             "logits_diff": float((logits - one_logits).abs().max()),
             "grad_diff": float((grad - one_grad).abs().max()),
         }))
+    exit_together(fabric)  # no interpreter finalization for gloo to abort in
 
 
 if __name__ == "__main__":

@@ -339,3 +339,29 @@ def test_launch_registers_its_exit_handler_once_per_process(monkeypatch):
         distributed._register_destroy.cache_clear()  # a later launch in this process registers for real
     assert Launched.calls == 3
     assert registered == [distributed._destroy_process_group]
+
+
+def test_exit_together_flushes_and_exits_with_its_code_skipping_exit_handlers(tmp_path):
+    """A finished multi-process helper exits with its status, its output written, and no finalization run."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "finish.py"
+    script.write_text(
+        "import atexit, logging, sys\n"
+        "from lightning.fabric import Fabric\n"
+        "from lightning_distill.engine.distributed import exit_together\n"
+        "atexit.register(lambda: print('finalized', flush=True))\n"
+        "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+        "fabric = Fabric(accelerator='cpu', devices=1)\n"
+        "print('unflushed stdout', end='')\n"
+        "sys.stderr.write('unflushed stderr')\n"
+        "exit_together(fabric, 3)\n"
+        "print('after exit')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})  # piped: buffered
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "unflushed stdout"  # flushed; neither the exit handler nor the next line ran
+    assert done.stderr.endswith("unflushed stderr")

@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -97,7 +97,7 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def exit_together(fabric: Any, code: int = 0) -> None:
+def exit_together(fabric: Any, code: int = 0) -> NoReturn:
     """End this process of a finished multi-process script now: every rank waits for the others, the process group
     is destroyed, output is flushed, and the process exits with ``code`` without interpreter finalization.
 

@@ -66,6 +66,7 @@ def _cut(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.slow  # about 26 s; the damaged-phase-result and no-intact-checkpoint tests stay in the default run
 def test_a_damaged_newest_checkpoint_is_passed_over_for_the_previous_intact_one(cli, tmp_path):
     whole, damaged = tmp_path / "whole", tmp_path / "damaged"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *KILLABLE).returncode == 0

@@ -144,6 +144,7 @@ def test_loader_resumed_mid_epoch_continues_at_the_same_sample():
     assert len(set(sum(reference[:3], []))) == 9  # the first epoch's batches repeat no sample
 
 
+@pytest.mark.slow  # about 40 s; the families' cache tests cover the cache in the default run
 def test_cache_round_trip_gives_the_same_loss_as_images(tiny_sdxl, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -136,15 +136,16 @@ def test_branch_from_starts_a_second_ladder():
 
 
 def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
-    """flow_lightning.yaml copies lightning.yaml's stages (lists replace under extends) to add the 2-step MSE start
-    and to give the 4-, 2- and 1-step adversarial phases their discriminators' optimizer and longer warm-ups, the
-    anchor to the teacher, and at 1 step the student's betas and more adversarial steps: the copy must not drift
-    from the main job's schedule in anything else."""
+    """flow_lightning.yaml copies lightning.yaml's stages (lists replace under extends) to add the 2- and 1-step MSE
+    starts and to give the 4-, 2- and 1-step adversarial phases their discriminators' optimizer and longer warm-ups,
+    the anchor to the teacher, and at 1 step the student's betas: the copy must not drift from the main job's
+    schedule in anything else."""
     main = load_recipe(TINY / "lightning.yaml").resolved["schedule"]
     flow = load_recipe(TINY / "flow_lightning.yaml").resolved["schedule"]
-    l2 = next(stage for stage in flow["stages"] if stage["name"] == "l2")
-    first = l2["phases"].pop(0)
-    assert first["kind"] == "mse" and first["teacher_from"] == "s8" and first["steps"] == 50
+    for name, steps in (("l2", 50), ("l1", 100)):
+        stage = next(stage for stage in flow["stages"] if stage["name"] == name)
+        first = stage["phases"].pop(0)
+        assert first["kind"] == "mse" and first["teacher_from"] == "s8" and first["steps"] == steps
     changed = 0
     for stage, ours in zip(flow["stages"], main["stages"]):
         if stage["name"] not in ("l4", "l2", "l1", "a2", "a1"):
@@ -152,14 +153,12 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
         for phase, theirs in zip(stage["phases"], ours["phases"]):
             if phase["kind"] != "adversarial":
                 continue
-            # the student's steps stay the main job's but at 1 step (140 and 80, not 60 and 40); the discriminator
-            # trains alone longer first
+            # the student's steps stay the main job's (at 1 step 140 and 80, not 60 and 40, in both); the
+            # discriminator trains alone longer first
             student_steps = phase["steps"] - phase["discriminator_warmup"]
+            assert student_steps == theirs["steps"] - theirs["discriminator_warmup"]
             if stage["name"] in ("l1", "a1"):
                 assert student_steps == (140 if phase["conditional"] else 80)
-                assert theirs["steps"] - theirs["discriminator_warmup"] == (60 if phase["conditional"] else 40)
-            else:
-                assert student_steps == theirs["steps"] - theirs["discriminator_warmup"]
             assert phase["discriminator_warmup"] == (60 if phase["conditional"] else 30)
             assert phase["discriminator_lr"] == 1.0e-4 and phase["regression_weight"] == 10.0
             if stage["name"] in ("l4", "l2", "a2"):  # the discriminator's betas its own, the student's the main job's

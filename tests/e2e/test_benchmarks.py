@@ -144,6 +144,8 @@ def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_
     import json
     import subprocess
 
+    from lightning_distill.config.recipe import load_recipe
+
     runs = tmp_path / "runs"
     small = ["schedule.steps_scale=0.02", "train.batch_size=4"]
     report = ["callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]", "callbacks.2.teacher.unguided=false",
@@ -153,6 +155,7 @@ def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     probe_report = ["callbacks.0.samples=64", "callbacks.0.teacher.steps=[4]", "callbacks.0.grid=4"]
+    ends = {}
     for name in ("stage_l1", "stage_l1_paper"):
         out = tmp_path / name
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stage_probe.py"), "--runs", str(runs),
@@ -169,6 +172,12 @@ def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_
         rows = json.loads((out / "seed-0" / "metrics.json").read_text())["results"]
         assert [(r["model"], r["steps"]) for r in rows if r["model"] != "teacher"] == [("lightning", 1)]
         assert "| lightning | 1 | 1 |" in done.stdout and "fd per seed" in done.stdout
+        # the stage trained as long as this probe recipe says (the two recipes' 1-step stages differ in length)
+        recipe = load_recipe(str(ROOT / "recipes" / "tiny" / "probes" / f"{name}.yaml"), [*small, *probe_report])
+        ends[name] = recipe.recipe.schedule.build().phases()[-1].end
+        last = max(int(c.name.removeprefix("step-")) for c in (out / "seed-0" / "checkpoints").glob("step-*"))
+        assert last == ends[name]
+    assert ends["stage_l1"] != ends["stage_l1_paper"]
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stage_probe.py"), "--runs", str(runs), "--recipe",
                            str(ROOT / "recipes" / "tiny" / "probes" / "stage_l1.yaml"), "--out", str(tmp_path / "other"),
                            "--seeds", "0", "--no-record", "schedule.steps_scale=0.03", "train.batch_size=4"],

@@ -145,6 +145,7 @@ def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_
     import subprocess
 
     from lightning_distill.config.recipe import load_recipe
+    from lightning_distill.engine.checkpoint import Checkpoints
 
     runs = tmp_path / "runs"
     small = ["schedule.steps_scale=0.02", "train.batch_size=4"]
@@ -175,8 +176,8 @@ def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_
         # the stage trained as long as this probe recipe says (the two recipes' 1-step stages differ in length)
         recipe = load_recipe(str(ROOT / "recipes" / "tiny" / "probes" / f"{name}.yaml"), [*small, *probe_report])
         ends[name] = recipe.recipe.schedule.build().phases()[-1].end
-        last = max(int(c.name.removeprefix("step-")) for c in (out / "seed-0" / "checkpoints").glob("step-*"))
-        assert last == ends[name]
+        last = Checkpoints(out / "seed-0" / "checkpoints", fabric=None, keep_last=1).latest()  # reads folders only
+        assert last is not None and Checkpoints.meta(last)["step"] == ends[name]
     assert ends["stage_l1"] != ends["stage_l1_paper"]
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stage_probe.py"), "--runs", str(runs), "--recipe",
                            str(ROOT / "recipes" / "tiny" / "probes" / "stage_l1.yaml"), "--out", str(tmp_path / "other"),

@@ -1,8 +1,10 @@
 """One stage again, from the starts that finished runs left: is a change to a stage larger than the stage's own noise?
 
 A full run per setting costs 10 minutes and mixes a change to the 1-step stage with every stage before it. This
-probe takes the runs ``benchmarks/fidelity.py`` left (``--runs``: one ``seed-N`` folder each) and a probe recipe
-whose ladder is theirs cut after the probed stage (``schedule.until``: the stages before it unchanged, the last stage
+probe takes the runs ``benchmarks/fidelity.py`` left (``--runs``: one ``seed-N`` folder each; any finished runs whose
+phases before the stage are the probe's will do, such as a job cut with ``schedule.until`` and a report on its last
+stage, which makes starts more cheaply: the probe recipes' headers give the commands) and a probe recipe whose
+ladder is theirs cut after the probed stage (``schedule.until``: the stages before it unchanged, the last stage
 as shipped or as the variant's overrides want it: ``recipes/tiny/probes/stage_*.yaml``). For each seed it copies the
 finished phases before the stage into a new run folder, marks them done with a checkpoint at the stage's first step
 (the data loader's state is the finished run's last, so the stage sees a fresh stream of batches), trains the stage
@@ -37,6 +39,7 @@ def prepare(source: Path, out: Path, recipe: Path, overrides: list[str]) -> None
 
     from lightning_distill.config.recipe import load_recipe
     from lightning_distill.engine.artifacts import artifact_path
+    from lightning_distill.engine.checkpoint import Checkpoints
 
     probe = load_recipe(str(recipe), overrides).recipe.schedule.build().phases()
     ran = load_recipe(str(source / "recipe.yaml"), []).recipe.schedule.build().phases()
@@ -50,8 +53,8 @@ def prepare(source: Path, out: Path, recipe: Path, overrides: list[str]) -> None
             sys.exit(f"{recipe}: phase {p.index} ({p.name}, steps {p.start}-{p.end}) is not the run's in {source} "
                      f"({same.name + f', steps {same.start}-{same.end}' if same else 'none'}); the stages before "
                      f"{stage!r} must be the run's own")
-    checkpoints = sorted((source / "checkpoints").glob("step-*"))
-    if not checkpoints or not (source / "metrics.json").is_file():
+    last = Checkpoints(source / "checkpoints", fabric=None, keep_last=1).latest()  # reads folders only
+    if last is None or not (source / "metrics.json").is_file():
         sys.exit(f"{source} is not a finished run (no checkpoint or metrics.json)")
     out.mkdir(parents=True)
     (out / "phases").mkdir()
@@ -63,7 +66,7 @@ def prepare(source: Path, out: Path, recipe: Path, overrides: list[str]) -> None
     start = before[-1].end
     mark = out / "checkpoints" / f"step-{start:08d}"
     mark.mkdir(parents=True)
-    loader = torch.load(checkpoints[-1] / "rank-0.pt", weights_only=True)["loader"]
+    loader = torch.load(last / "rank-0.pt", weights_only=True)["loader"]
     torch.save({"loader": loader}, mark / "rank-0.pt")
     (mark / "meta.json").write_text(json.dumps(
         {"phase": before[-1].index, "phase_name": before[-1].name, "step": start, "world_size": 1}))
@@ -87,7 +90,7 @@ def main() -> None:
                 shutil.rmtree(out)  # an unfinished probe starts over: it is one stage
             prepare(Path(args.runs) / f"seed-{seed}", out, recipe, [f"seed={seed}", *args.overrides])
             done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(recipe), "--out", str(out),
-                                   f"seed={seed}", *args.overrides], cwd=ROOT)
+                                   f"seed={seed}", *args.overrides], check=False, cwd=ROOT)
             if done.returncode:
                 sys.exit(done.returncode)
         tree = json.loads((out / "metrics.json").read_text())

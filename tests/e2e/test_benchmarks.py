@@ -185,3 +185,46 @@ def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode != 0 and "must be the run's own" in done.stderr
     assert not (tmp_path / "other" / "seed-0").exists()
+
+
+@pytest.mark.slow  # a few minutes on 2 cores
+def test_branch_probe_repeats_the_mse_branch_of_a_finished_run_without_its_lightning_stages(tmp_path):
+    """benchmarks/branch_probe.py: from a finished run's 8-step student alone, the MSE branch trains to the same
+    weights as in the run (phase indices, noise and batches paired), and an override changes only its stage."""
+    import json
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    runs = tmp_path / "runs"
+    small = ["schedule.steps_scale=0.02", "train.batch_size=4"]
+    report = ["callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]", "callbacks.2.teacher.unguided=false",
+              "callbacks.2.grid=4"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--seeds", "0", "--out", str(runs),
+                           "--json", str(tmp_path / "f.json"), "--no-record", *small, *report],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe_report = ["callbacks.0.samples=64", "callbacks.0.teacher.steps=[4]", "callbacks.0.grid=4"]
+    outs = {}
+    for name, extra in (("same", []), ("longer", ["schedule.stages.m1.phases.0.steps=400"])):
+        outs[name] = out = tmp_path / name / "seed-0"
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "branch_probe.py"), "--runs", str(runs),
+                               "--recipe", str(ROOT / "recipes" / "tiny" / "lightning.yaml"), "--out", str(out.parent),
+                               "--seeds", "0", "--no-record", *small, *probe_report, *extra],
+                              capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = json.loads((out / "metrics.json").read_text())["results"]
+        assert [(r["model"], r["steps"]) for r in rows if r["model"] != "teacher"] == [("mse", 2), ("mse", 1)]
+        assert "fd_patch per seed" in done.stdout
+        assert not any(f.stat().st_size > 100 for f in (out / "phases").glob("0[1-6]-*.safetensors"))  # placeholders
+    ran = {p.name: p for p in (runs / "seed-0" / "phases").glob("*-m*-mse.safetensors")}
+    assert sorted(ran) == ["07-m4-mse.safetensors", "08-m2-mse.safetensors", "09-m1-mse.safetensors"]
+
+    def same(a, b) -> bool:
+        x, y = load_file(a), load_file(b)
+        return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
+
+    for name, path in ran.items():  # the branch as the run trained it, without the Lightning stages before it
+        assert same(outs["same"] / "phases" / name, path), name
+    assert same(outs["longer"] / "phases" / "08-m2-mse.safetensors", ran["08-m2-mse.safetensors"])
+    assert not same(outs["longer"] / "phases" / "09-m1-mse.safetensors", ran["09-m1-mse.safetensors"])

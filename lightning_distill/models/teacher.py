@@ -64,7 +64,9 @@ def load_network(cls: Any, config: PretrainedTeacherConfig, empty: bool = False)
     """The network of ``config`` (``cls.from_pretrained``); with ``empty``, its architecture alone on the caller's
     device context (meta), no weights read."""
     if empty:
-        return cls.from_config(network_config(cls, config.pretrained, config.subfolder)).to(DTYPES[config.dtype])
+        net = cls.from_config(network_config(cls, config.pretrained, config.subfolder))
+        # torch's own cast: diffusers' override adds only a warning, printed even with no module kept in fp32
+        return nn.Module.to(net, DTYPES[config.dtype])
     return load_pretrained(cls, config.pretrained, config.subfolder, variant=config.variant,
                            torch_dtype=DTYPES[config.dtype])
 

@@ -16,25 +16,20 @@ against 21 for the whole job). A finished folder is only read again.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, device_name, record
+from common import RESULTS, device_name, mark_done, over_seeds, probe_arguments, record, student_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("fd", "fd_patch", "fd_teacher", "diversity_per_prompt")
 
 
 def prepare(source: Path, out: Path, recipe: Path, overrides: list[str], branch: str) -> None:
     """``out`` as a run of ``recipe`` whose phases before stage ``branch`` are done: ``source``'s first phase (the
     student the branch starts from), placeholders for the rest, the loader at the branch's first step."""
-    import torch
     from safetensors.torch import save_file
 
     from lightning_distill.config.recipe import load_recipe
@@ -67,24 +62,14 @@ def prepare(source: Path, out: Path, recipe: Path, overrides: list[str], branch:
               "_sampler_iter_state": {"samples_yielded": samples, "sampler_iter_state": {"epoch": 0, "pos": samples}},
               "_IterableDataset_len_called": None, "_shared_seed": None, "fetcher_state": None, "dataset_state": None,
               "_iterator_finished": False}
-    mark = out / "checkpoints" / f"step-{n:08d}"
-    mark.mkdir(parents=True)
-    torch.save({"loader": loader}, mark / "rank-0.pt")
-    before = phases[first.index - 1]
-    (mark / "meta.json").write_text(json.dumps(
-        {"phase": before.index, "phase_name": before.name, "step": n, "world_size": 1}))
+    mark_done(out, phases[first.index - 1], loader)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "fidelity"), help="benchmarks/fidelity.py's --out")
-    parser.add_argument("--recipe", required=True, help="the table's recipe (recipes/tiny/*lightning.yaml)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser = probe_arguments(__doc__.splitlines()[0], "the table's recipe (recipes/tiny/*lightning.yaml)")
     parser.add_argument("--branch", default="m4", help="the branch's first stage")
     parser.add_argument("--report", nargs="+", default=["m2", "m1"], help="the branch's stages to report; the last "
                         "is where training stops")
-    parser.add_argument("--no-record", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     recipe = Path(args.recipe).resolve()
@@ -104,21 +89,8 @@ def main() -> None:
                                    *overrides], check=False, cwd=ROOT)
             if done.returncode:
                 sys.exit(done.returncode)
-        for r in json.loads((out / "metrics.json").read_text())["results"]:
-            if not r["model"].startswith("teacher"):
-                rows.append({"model": r["model"], "steps": r["steps"], "seed": seed, **{m: r[m] for m in METRICS}})
-                print(f"seed {seed}: {r['model']} {r['steps']} step(s): "
-                      + ", ".join(f"{m} {r[m]:.3f}" for m in METRICS))
-    summary = []
-    for key in dict.fromkeys((r["model"], r["steps"]) for r in rows):
-        group = [r for r in rows if (r["model"], r["steps"]) == key]
-        row: dict[str, object] = {"model": key[0], "steps": key[1], "seeds": len(group)}
-        for m in METRICS:
-            values = [float(r[m]) for r in group]
-            row[m] = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
-        row["fd per seed"] = ", ".join(f"{r['fd']:.3f}" for r in group)
-        row["fd_patch per seed"] = ", ".join(f"{r['fd_patch']:.4f}" for r in group)
-        summary.append(row)
+        rows += student_rows(out, seed)
+    summary = over_seeds(rows, {"fd": ".3f", "fd_patch": ".4f"})
     named = str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)
     tail = ["--", *map(shlex.quote, args.overrides)] if args.overrides else []  # runnable as printed
     command = " ".join(["python benchmarks/branch_probe.py", "--runs", args.runs, "--recipe", named, "--seeds",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,3 +105,55 @@ def record(title: str, command: str, device: str, rows: list[dict[str, object]],
         with results.open("a") as f:
             f.write(block)
     return text
+
+
+PROBE_METRICS = ("fd", "fd_patch", "fd_teacher", "diversity_per_prompt")
+
+
+def student_rows(run: Path, seed: int) -> list[dict[str, object]]:
+    """The students' rows of a finished run's report (``metrics.json``), each with ``seed``, printed as read."""
+    rows = []
+    for r in json.loads((Path(run) / "metrics.json").read_text())["results"]:
+        if not r["model"].startswith("teacher"):
+            rows.append({"model": r["model"], "steps": r["steps"], "seed": seed, **{m: r[m] for m in PROBE_METRICS}})
+            print(f"seed {seed}: {r['model']} {r['steps']} step(s): "
+                  + ", ".join(f"{m} {r[m]:.3f}" for m in PROBE_METRICS))
+    return rows
+
+
+def over_seeds(rows: list[dict[str, object]], per_seed: dict[str, str]) -> list[dict[str, object]]:
+    """One row per (model, steps): each metric as mean ± sd over the seeds, and the ``per_seed`` metrics listed
+    seed by seed in their formats (``{"fd": ".1f"}`` adds the column ``fd per seed``)."""
+    summary = []
+    for key in dict.fromkeys((r["model"], r["steps"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["steps"]) == key]
+        row: dict[str, object] = {"model": key[0], "steps": key[1], "seeds": len(group)}
+        for m in PROBE_METRICS:
+            values = [float(r[m]) for r in group]  # type: ignore[arg-type]
+            row[m] = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+        for m, fmt in per_seed.items():
+            row[f"{m} per seed"] = ", ".join(format(r[m], fmt) for r in group)
+        summary.append(row)
+    return summary
+
+
+def mark_done(out: Path, phase: Any, loader: dict[str, Any]) -> None:
+    """A checkpoint in run folder ``out`` that says every phase up to ``phase`` is done (its results must be in
+    ``out/phases``), with the data loader's state ``loader`` and nothing else: the run resumes at the next phase."""
+    mark = Path(out) / "checkpoints" / f"step-{phase.end:08d}"
+    mark.mkdir(parents=True)
+    torch.save({"loader": loader}, mark / "rank-0.pt")
+    (mark / "meta.json").write_text(json.dumps(
+        {"phase": phase.index, "phase_name": phase.name, "step": phase.end, "world_size": 1}))
+
+
+def probe_arguments(description: str, recipe_help: str) -> argparse.ArgumentParser:
+    """The arguments the probes that train again from finished ``benchmarks/fidelity.py`` runs share."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", default=str(Path(__file__).resolve().parents[1] / "runs" / "fidelity"),
+                        help="benchmarks/fidelity.py's --out")
+    parser.add_argument("--recipe", required=True, help=recipe_help)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--no-record", action="store_true")
+    return parser

@@ -18,19 +18,15 @@ spread within one is the stage's own. A finished probe folder is only read again
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, device_name, record
+from common import RESULTS, device_name, mark_done, over_seeds, probe_arguments, record, student_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("fd", "fd_patch", "fd_teacher", "diversity_per_prompt")
 
 
 def prepare(source: Path, out: Path, recipe: Path, overrides: list[str]) -> None:
@@ -63,22 +59,11 @@ def prepare(source: Path, out: Path, recipe: Path, overrides: list[str]) -> None
         for f in (file, file.with_name(file.name + ".json")):
             if f.is_file():
                 shutil.copy2(f, out / "phases" / f.name)
-    start = before[-1].end
-    mark = out / "checkpoints" / f"step-{start:08d}"
-    mark.mkdir(parents=True)
-    loader = torch.load(last / "rank-0.pt", weights_only=True)["loader"]
-    torch.save({"loader": loader}, mark / "rank-0.pt")
-    (mark / "meta.json").write_text(json.dumps(
-        {"phase": before[-1].index, "phase_name": before[-1].name, "step": start, "world_size": 1}))
+    mark_done(out, before[-1], torch.load(last / "rank-0.pt", weights_only=True)["loader"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "fidelity"), help="benchmarks/fidelity.py's --out")
-    parser.add_argument("--recipe", required=True, help="a stage probe recipe (recipes/tiny/probes/stage_*.yaml)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--no-record", action="store_true")
+    parser = probe_arguments(__doc__.splitlines()[0], "a stage probe recipe (recipes/tiny/probes/stage_*.yaml)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     recipe = Path(args.recipe).resolve()
@@ -93,21 +78,8 @@ def main() -> None:
                                    f"seed={seed}", *args.overrides], check=False, cwd=ROOT)
             if done.returncode:
                 sys.exit(done.returncode)
-        tree = json.loads((out / "metrics.json").read_text())
-        for r in tree["results"]:
-            if not r["model"].startswith("teacher"):
-                rows.append({"model": r["model"], "steps": r["steps"], "seed": seed, **{m: r[m] for m in METRICS}})
-                print(f"seed {seed}: {r['model']} {r['steps']} step(s): "
-                      + ", ".join(f"{m} {r[m]:.3f}" for m in METRICS))
-    summary = []
-    for key in dict.fromkeys((r["model"], r["steps"]) for r in rows):
-        group = [r for r in rows if (r["model"], r["steps"]) == key]
-        row: dict[str, object] = {"model": key[0], "steps": key[1], "seeds": len(group)}
-        for m in METRICS:
-            values = [float(r[m]) for r in group]
-            row[m] = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
-        row["fd per seed"] = ", ".join(f"{r['fd']:.1f}" for r in group)
-        summary.append(row)
+        rows += student_rows(out, seed)
+    summary = over_seeds(rows, {"fd": ".1f"})
     named = str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)
     overrides = ["--", *map(shlex.quote, args.overrides)] if args.overrides else []  # runnable as printed
     command = " ".join(["python benchmarks/stage_probe.py", "--runs", args.runs, "--recipe", named, "--seeds",

@@ -137,6 +137,23 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_keeps_to_its_budget(tmp_path):
     assert any(s.startswith("lora_24gb.yaml: phase") for s in short["skipped"]) and any("pytest" in s for s in short["skipped"])
 
 
+SMALL = ["schedule.steps_scale=0.02", "train.batch_size=4"]
+
+
+def _small_main_job(tmp_path):
+    """The main job at 2 % of its steps, seed 0, through benchmarks/fidelity.py: its runs folder and the overrides."""
+    import subprocess
+
+    runs = tmp_path / "runs"
+    report = ["callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]", "callbacks.2.teacher.unguided=false",
+              "callbacks.2.grid=4"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--seeds", "0", "--out", str(runs),
+                           "--json", str(tmp_path / "f.json"), "--no-record", *SMALL, *report],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return runs, SMALL
+
+
 @pytest.mark.slow  # a few minutes on 2 cores
 def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_path):
     """benchmarks/stage_probe.py: the phases before the probed stage are the finished run's, byte for byte, and not
@@ -147,14 +164,7 @@ def test_stage_probe_trains_one_stage_from_the_students_a_finished_run_left(tmp_
     from lightning_distill.config.recipe import load_recipe
     from lightning_distill.engine.checkpoint import Checkpoints
 
-    runs = tmp_path / "runs"
-    small = ["schedule.steps_scale=0.02", "train.batch_size=4"]
-    report = ["callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]", "callbacks.2.teacher.unguided=false",
-              "callbacks.2.grid=4"]
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--seeds", "0", "--out", str(runs),
-                           "--json", str(tmp_path / "f.json"), "--no-record", *small, *report],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    runs, small = _small_main_job(tmp_path)
     probe_report = ["callbacks.0.samples=64", "callbacks.0.teacher.steps=[4]", "callbacks.0.grid=4"]
     ends = {}
     for name in ("stage_l1", "stage_l1_paper"):
@@ -196,14 +206,7 @@ def test_branch_probe_repeats_the_mse_branch_of_a_finished_run_without_its_light
 
     from safetensors.torch import load_file
 
-    runs = tmp_path / "runs"
-    small = ["schedule.steps_scale=0.02", "train.batch_size=4"]
-    report = ["callbacks.2.samples=64", "callbacks.2.teacher.steps=[4]", "callbacks.2.teacher.unguided=false",
-              "callbacks.2.grid=4"]
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--seeds", "0", "--out", str(runs),
-                           "--json", str(tmp_path / "f.json"), "--no-record", *small, *report],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    runs, small = _small_main_job(tmp_path)
     probe_report = ["callbacks.0.samples=64", "callbacks.0.teacher.steps=[4]", "callbacks.0.grid=4"]
     outs = {}
     for name, extra in (("same", []), ("longer", ["schedule.stages.m1.phases.0.steps=400"])):

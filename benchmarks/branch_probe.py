@@ -5,7 +5,7 @@ phases' indices (each phase seeds its noise by its index) and on where the run's
 when it starts; it does not depend on the Lightning stages trained before it. So it can be trained again without
 them: for each seed this copies the run's 8-step student, marks the Lightning phases done with empty placeholder
 results (the branch never loads them), puts the data loader where the run had it at the branch's start, and trains
-the branch up to ``--until`` with the overrides (say, a longer ``m1``). The stages the overrides leave alone repeat
+the branch up to the last of its ``--report`` stages with the overrides (say, a longer ``m1``). The stages the overrides leave alone repeat
 the table's rows (up to the processor's rounding: check them in the printed table), so a change in the last one
 is paired with the table seed by seed, at the cost of the branch alone (about 8 minutes a seed for the flow job,
 against 21 for the whole job). A finished folder is only read again.
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
-from common import RESULTS, device_name, mark_done, over_seeds, probe_arguments, record, student_rows
+from common import RESULTS, device_name, mark_done, over_seeds, probe_arguments, record, student_rows, train_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +36,12 @@ def prepare(source: Path, out: Path, recipe: Path, overrides: list[str], branch:
     from lightning_distill.engine.artifacts import artifact_path, digest_path
 
     loaded = load_recipe(str(recipe), overrides).recipe
-    phases = loaded.schedule.build().phases()
+    schedule = loaded.schedule.build()
+    phases = schedule.phases()
     first = next((p for p in phases if p.stage == branch), None)
     if first is None or first.index == 0:
         sys.exit(f"{recipe}: no stage {branch!r} after the first phase")
-    stage = next(s for s in loaded.schedule.build().stages() if s.name == branch)
+    stage = next(s for s in schedule.stages() if s.name == branch)
     if stage.branch_from != phases[0].stage:
         sys.exit(f"{recipe}: stage {branch!r} must branch from the first stage ({phases[0].stage!r}), not "
                  f"{stage.branch_from!r}: only then do the phases before it not matter")
@@ -81,14 +82,8 @@ def main() -> None:
     for seed in args.seeds:
         out = Path(args.out) / f"seed-{seed}"
         overrides = [f"seed={seed}", *fixed, *args.overrides]
-        if not (out / "metrics.json").is_file():
-            if out.exists():
-                shutil.rmtree(out)  # an unfinished probe starts over
-            prepare(Path(args.runs) / f"seed-{seed}", out, recipe, overrides, args.branch)
-            done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(recipe), "--out", str(out),
-                                   *overrides], check=False, cwd=ROOT)
-            if done.returncode:
-                sys.exit(done.returncode)
+        train_probe(out, recipe, overrides,
+                    partial(prepare, Path(args.runs) / f"seed-{seed}", out, recipe, overrides, args.branch))
         rows += student_rows(out, seed)
     summary = over_seeds(rows, {"fd": ".3f", "fd_patch": ".4f"})
     named = str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)

@@ -6,8 +6,10 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,3 +159,17 @@ def probe_arguments(description: str, recipe_help: str) -> argparse.ArgumentPars
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--no-record", action="store_true")
     return parser
+
+
+def train_probe(out: Path, recipe: Path, overrides: list[str], prepare: Callable[[], None]) -> None:
+    """Train ``recipe`` into run folder ``out`` after ``prepare()`` laid out its finished phases; a folder with a
+    report is only read again, an unfinished one starts over (a probe is short). Exits with the run's failure."""
+    if (out / "metrics.json").is_file():
+        return
+    if out.exists():
+        shutil.rmtree(out)
+    prepare()
+    done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(recipe), "--out", str(out),
+                           *overrides], check=False, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode:
+        sys.exit(done.returncode)

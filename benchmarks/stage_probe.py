@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
-from common import RESULTS, device_name, mark_done, over_seeds, probe_arguments, record, student_rows
+from common import RESULTS, device_name, mark_done, over_seeds, probe_arguments, record, student_rows, train_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,14 +70,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         out = Path(args.out) / f"seed-{seed}"
-        if not (out / "metrics.json").is_file():
-            if out.exists():
-                shutil.rmtree(out)  # an unfinished probe starts over: it is one stage
-            prepare(Path(args.runs) / f"seed-{seed}", out, recipe, [f"seed={seed}", *args.overrides])
-            done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", str(recipe), "--out", str(out),
-                                   f"seed={seed}", *args.overrides], check=False, cwd=ROOT)
-            if done.returncode:
-                sys.exit(done.returncode)
+        overrides = [f"seed={seed}", *args.overrides]
+        train_probe(out, recipe, overrides, partial(prepare, Path(args.runs) / f"seed-{seed}", out, recipe, overrides))
         rows += student_rows(out, seed)
     summary = over_seeds(rows, {"fd": ".1f"})
     named = str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe)

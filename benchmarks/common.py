@@ -149,6 +149,16 @@ def mark_done(out: Path, phase: Any, loader: dict[str, Any]) -> None:
         {"phase": phase.index, "phase_name": phase.name, "step": phase.end, "world_size": 1}))
 
 
+def record_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--no-record`` and ``--results FILE``: where the script appends its tables (``results_file`` reads them)."""
+    parser.add_argument("--no-record", action="store_true", help="print only: no RESULTS.md row")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS.md the tables are appended to")
+
+
+def results_file(args: argparse.Namespace) -> Path | None:
+    return None if args.no_record else args.results
+
+
 def probe_arguments(description: str, recipe_help: str) -> argparse.ArgumentParser:
     """The arguments the probes that train again from finished ``benchmarks/fidelity.py`` runs share."""
     parser = argparse.ArgumentParser(description=description)
@@ -157,7 +167,7 @@ def probe_arguments(description: str, recipe_help: str) -> argparse.ArgumentPars
     parser.add_argument("--recipe", required=True, help=recipe_help)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--no-record", action="store_true")
+    record_arguments(parser)
     return parser
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, device_name, record
+from common import device_name, record, record_arguments, results_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny" / "probes" / "discriminator.yaml"
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(RECIPE), help="a probe recipe (recipes/tiny/probes/)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tiny-probe"))
-    parser.add_argument("--no-record", action="store_true")
+    record_arguments(parser)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     done = subprocess.run([sys.executable, "-m", "lightning_distill", "train", args.recipe, "--out", args.out,
@@ -79,7 +79,7 @@ def main() -> None:
     import torch
 
     record("Discriminator probe (tiny world, D alone against a frozen student)", command,
-           device_name(torch.device("cpu")), rows, None if args.no_record else RESULTS)
+           device_name(torch.device("cpu")), rows, results_file(args))
 
 
 if __name__ == "__main__":

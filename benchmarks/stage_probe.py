@@ -24,7 +24,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from common import RESULTS, device_name, mark_done, over_seeds, probe_arguments, record, student_rows, train_probe
+from common import device_name, mark_done, over_seeds, probe_arguments, record, results_file, student_rows, train_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def main() -> None:
     import torch
 
     record(f"Stage probe: {recipe.name} from the runs in {Path(args.runs).name} (mean ± sd over seeds)", command,
-           device_name(torch.device("cpu")), summary, None if args.no_record else RESULTS)
+           device_name(torch.device("cpu")), summary, results_file(args))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Recipes: YAML files (OmegaConf) validated against the typed config tree before anything loads.
 
 A recipe may ``extends:`` a base recipe (a path relative to itself, or a list of them); keys of the recipe
-replace those of its bases, mappings merge, lists replace. Command-line overrides are dot-lists
-(``train.batch_size=8``) applied last; an item of a list of named mappings is addressed by index or by its
+replace those of its bases, mappings merge, lists replace. A file's ``append:`` adds items to the end of lists of
+the merged tree (``{schedule.stages: [...]}``: a base's ladder with more stages). Command-line overrides are
+dot-lists (``train.batch_size=8``) applied last; an item of a list of named mappings is addressed by index or by its
 ``name`` (``schedule.stages.l1.phases.1.lr=1e-5``). ``imports:`` lists modules to import before components are looked up.
 """
 
@@ -196,6 +197,25 @@ def _file_overrides(tree: dict[str, Any], label: str) -> list[tuple[str, Any]]:
         raise RecipeError(str(err), path="overrides", source=label) from err
 
 
+@dataclass(frozen=True)
+class _Append:
+    """Items a file's ``append:`` adds to the end of a list of the merged tree."""
+
+    items: list[Any]
+
+
+def _file_appends(tree: dict[str, Any], label: str) -> list[tuple[str, Any]]:
+    """A file's ``append:`` (taken out of its tree): ``{dotted key: [items]}``, each list of the merged tree (keys as in
+    overrides, items of named lists by name) extended by the items, after every file has merged."""
+    items = tree.pop("append", None)
+    if items is None:
+        return []
+    if not isinstance(items, dict) or not all(isinstance(v, list) for v in items.values()):
+        raise RecipeError("expected a mapping of dotted keys to lists of items to add "
+                          "(e.g. {schedule.stages: [{name: s2, ...}]})", path="append", source=label)
+    return [(re.sub(r"\[(\d+)\]", r".\1", str(key).strip()), _Append(value)) for key, value in items.items()]
+
+
 def _walk(tree: Any, key: str, *, names: bool = False) -> tuple[list[str], Any, int]:
     """Follow a dotted key (``a.b.0.c`` or ``a.b[0].c``) through mappings and lists (plain or OmegaConf): its parts,
     the deepest node reached and how many parts led there (all of them: the key exists). With ``names``, a part that
@@ -238,7 +258,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         raise UserError(f"cannot read recipe {path}: {err}") from err
     layers = _read_yaml(resolved_path, ())
     # (key, value, who set it): each file's own overrides (bases first), then the command line's
-    updates = [(*update, label) for label, tree in layers for update in _file_overrides(tree, label)]
+    updates = [(*update, label) for label, tree in layers
+               for update in (*_file_appends(tree, label), *_file_overrides(tree, label))]
     updates += [(*update, "command line") for update in _parse_overrides(list(overrides))]
 
     def source(key: str) -> str | None:
@@ -274,8 +295,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         raise RecipeError(str(err).splitlines()[0], path=key, source=source(key)) from err
     for n, (key, value, who) in enumerate(updates):
         try:
-            key = ".".join(_walk(merged, key, names=True)[0])
+            parts, node, found = _walk(merged, key, names=True)
+            key = ".".join(parts)
             updates[n] = (key, value, who)  # as resolved: source() attributes an error under it to its setter
+            if isinstance(value, _Append):
+                if found < len(parts) or not isinstance(node, Sequence) or isinstance(node, str):
+                    raise UserError(f"bad append {key}: the merged recipe has no list there")
+                value = [*OmegaConf.to_container(node, resolve=False), *value.items]
             try:
                 OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section
             except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as err:
@@ -283,7 +309,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         except UserError as err:
             if who == "command line":
                 raise
-            raise RecipeError(str(err), path="overrides", source=who) from err
+            raise RecipeError(str(err), path="append" if isinstance(updates[n][1], _Append) else "overrides",
+                              source=who) from err
     try:
         resolved = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:

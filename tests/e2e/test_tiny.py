@@ -148,7 +148,7 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
         assert first["kind"] == "mse" and first["teacher_from"] == "s8" and first["steps"] == steps
     changed = 0
     for stage, ours in zip(flow["stages"], main["stages"]):
-        if stage["name"] not in ("l4", "l2", "l1", "a2", "a1"):
+        if stage["name"] not in ("l4", "l2", "l1"):
             continue
         for phase, theirs in zip(stage["phases"], ours["phases"]):
             if phase["kind"] != "adversarial":
@@ -157,11 +157,11 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
             # discriminator trains alone longer first
             student_steps = phase["steps"] - phase["discriminator_warmup"]
             assert student_steps == theirs["steps"] - theirs["discriminator_warmup"]
-            if stage["name"] in ("l1", "a1"):
+            if stage["name"] == "l1":
                 assert student_steps == (140 if phase["conditional"] else 80)
             assert phase["discriminator_warmup"] == (60 if phase["conditional"] else 30)
             assert phase["discriminator_lr"] == 1.0e-4 and phase["regression_weight"] == 10.0
-            if stage["name"] in ("l4", "l2", "a2"):  # the discriminator's betas its own, the student's the main job's
+            if stage["name"] in ("l4", "l2"):  # the discriminator's betas its own, the student's the main job's
                 assert phase["discriminator_betas"] == [0.5, 0.999] and phase["betas"] == theirs["betas"]
             else:  # one pair of betas for both
                 assert phase["discriminator_betas"] is None and phase["betas"] == [0.5, 0.999]
@@ -169,8 +169,36 @@ def test_flow_job_schedule_is_the_main_jobs_but_its_stated_differences():
                         "betas"):
                 phase[key] = theirs[key]
             changed += 1
-    assert changed == 10
+    assert changed == 6
     assert flow == main
+
+
+@pytest.mark.parametrize(("job", "ablation"), [("lightning", "from_mse"), ("flow_lightning", "from_mse_flow")])
+def test_the_ablation_recipes_are_their_main_jobs_with_the_adversarial_stages_from_mse_appended(job, ablation):
+    """ablations/from_mse*.yaml (what benchmarks/fidelity.py trains) are the main jobs with a2 and a1 appended: every
+    phase of the main job first, unchanged (index, steps, options: so its rows are the main job's), then the 2- and
+    1-step stages again from the MSE ladder's students, with the adversarial phases of the main job's own l2 and l1
+    (l1's unconditional teacher two levels up: m4 for l4), and the report's two rows for them."""
+    main = load_recipe(TINY / f"{job}.yaml")
+    ablation = load_recipe(TINY / "ablations" / f"{ablation}.yaml")
+    whole, extended = main.recipe.schedule.build().phases(), ablation.recipe.schedule.build().phases()
+    assert [(p.index, p.name, p.start, p.end, p.options) for p in extended[: len(whole)]] == \
+           [(p.index, p.name, p.start, p.end, p.options) for p in whole]
+    assert [p.name for p in extended[len(whole):]] == ["a2-cond", "a2-uncond", "a1-cond", "a1-uncond"]
+    stages = {s["name"]: s for s in ablation.resolved["schedule"]["stages"]}
+    assert stages["a2"]["branch_from"] == "m4" and stages["a1"]["branch_from"] == "m2"
+    for ours, theirs in (("a2", "l2"), ("a1", "l1")):
+        adversarial = [p for p in stages[theirs]["phases"] if p["kind"] == "adversarial"]
+        if ours == "a1":  # the unconditional phase's teacher two levels up, on the MSE ladder
+            assert adversarial[1]["teacher_from"] == "l4" and stages["a1"]["phases"][1]["teacher_from"] == "m4"
+            adversarial[1] = {**adversarial[1], "teacher_from": "m4"}
+        assert stages[ours]["phases"] == adversarial, ours
+    rows = [(r["model"], r["stage"]) for r in ablation.resolved["callbacks"][2]["models"]]
+    assert rows == [(r["model"], r["stage"]) for r in main.resolved["callbacks"][2]["models"]] + \
+           [("adversarial-from-mse", "a2"), ("adversarial-from-mse", "a1")]
+    for tree in (main.resolved, ablation.resolved):
+        tree.pop("out"), tree["schedule"].pop("stages"), tree["callbacks"][2].pop("models")
+    assert ablation.resolved == main.resolved
 
 
 def test_until_trains_the_ladder_up_to_a_stage():
@@ -232,9 +260,9 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     rows = tree["results"]
     assert {(r["model"], r["steps"]) for r in rows} == {
         ("teacher", 4), ("teacher-unguided", 4), ("mse", 8), ("lightning", 4), ("lightning", 2), ("lightning", 1),
-        ("mse", 4), ("mse", 2), ("mse", 1), ("adversarial-from-mse", 2), ("adversarial-from-mse", 1)}
+        ("mse", 4), ("mse", 2), ("mse", 1)}
     for r in rows:
-        assert isinstance(r["steps"], int) and r["model"] in ("teacher", "teacher-unguided", "lightning", "mse", "adversarial-from-mse")
+        assert isinstance(r["steps"], int) and r["model"] in ("teacher", "teacher-unguided", "lightning", "mse")
         assert r["guidance"] == (3.0 if r["model"] == "teacher" else 0.0)
         for key in ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "diversity", "diversity_per_prompt"):
             assert isinstance(r[key], float) and np.isfinite(r[key])
@@ -242,8 +270,7 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
         assert (out / "samples" / f"{r['model']}-{r['steps']}step.png").is_file()
     assert 0.8 < tree["real"]["diversity_per_prompt"] < 1.2  # real scenes drawn for the same prompts
     # the instruments of every adversarial phase, and no others
-    adversarial = ["l4-cond", "l4-uncond", "l2-cond", "l2-uncond", "l1-cond", "l1-uncond", "a2-cond", "a2-uncond",
-                   "a1-cond", "a1-uncond"]
+    adversarial = ["l4-cond", "l4-uncond", "l2-cond", "l2-uncond", "l1-cond", "l1-uncond"]
     assert [d["phase"] for d in tree["discriminator"]] == adversarial
     for d in tree["discriminator"]:
         assert set(d) == {"phase", "d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end",
@@ -253,7 +280,7 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
         # the lowest re-noise level's accuracy only where the phase re-noises to discrete levels (2 and 1 steps); in
         # phases this short (batches of 4) a window may hold no pair at that level
         lowest = [d["d_accuracy_lowest_warmup"], d["d_accuracy_lowest_end"]]
-        if d["phase"][:2] in ("l2", "l1", "a2", "a1"):
+        if d["phase"][:2] in ("l2", "l1"):
             assert all(v is None or 0.0 <= v <= 1.0 for v in lowest)
         else:
             assert lowest == [None, None]

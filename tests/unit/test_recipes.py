@@ -100,6 +100,36 @@ def test_a_recipe_file_overrides_its_bases_items_by_name(tmp_path):
         load_recipe(child)
 
 
+def test_a_recipe_file_appends_items_to_its_bases_lists(tmp_path):
+    """``append:`` in a recipe file adds items to the end of lists of the merged tree (a base's ladder with one more
+    stage, its report with one more row; named items by name); the base's items stay as they were, its overrides
+    apply first, and a key that names no list is the file's mistake, named with the key."""
+    debug = ROOT / "recipes" / "debug.yaml"
+    base = load_recipe(debug)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {debug}\nappend:\n  schedule.stages:\n"
+                     "    - {name: s2, student_steps: 2, phases: [{kind: mse, steps: 3, lr: 1.0e-5}]}\n"
+                     "  schedule.stages.s4.phases: [{kind: mse, steps: 2, lr: 1.0e-6}]\n")
+    loaded = load_recipe(child)
+    stages = loaded.resolved["schedule"]["stages"]
+    assert stages[:-1] != base.resolved["schedule"]["stages"]  # s4 gained a phase
+    assert [s["name"] for s in stages] == ["s8", "s4", "s2"] and "append" not in loaded.resolved
+    assert stages[1]["phases"][:-1] == base.resolved["schedule"]["stages"][1]["phases"]
+    assert stages[1]["phases"][-1]["steps"] == 2 and stages[2]["student_steps"] == 2
+    whole, extended = base.recipe.schedule.build().phases(), loaded.recipe.schedule.build().phases()
+    assert [(p.index, p.start, p.end, p.options) for p in extended[: len(whole)]] == \
+           [(p.index, p.start, p.end, p.options) for p in whole]  # the base's phases first, as they were
+    assert [p.stage for p in extended[len(whole):]] == ["s4", "s2"] and extended[-1].options.teacher_steps == 4
+    assert load_recipe(child, ["schedule.stages.s2.phases.0.steps=5"]).recipe.schedule.build().phases()[-1].steps == 5
+    child.write_text(f"extends: {debug}\nappend: {{train.batch_size: [2]}}\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(child))}: append: bad append train.batch_size: "
+                                          "the merged recipe has no list there"):
+        load_recipe(child)
+    child.write_text(f"extends: {debug}\nappend: [schedule.stages]\n")
+    with pytest.raises(RecipeError, match="append: expected a mapping of dotted keys to lists"):
+        load_recipe(child)
+
+
 def test_a_cross_check_names_the_file_of_its_section_and_the_override_inside_it(tmp_path):
     """A mistake found across keys (here the schedule's: a warm-up as long as its phase) names the file that wrote
     the section and, as the other possible cause, the last override applied inside the section."""

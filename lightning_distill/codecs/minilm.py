@@ -59,11 +59,18 @@ class MiniLMCodec(Codec):
 
         self.config = config
         source = config.pretrained or str(bundled_minilm())
+        from transformers.utils import logging as transformers_logging
+
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # a small encoder loads at once: no bar each time a run builds it
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.encoder = AutoModel.from_pretrained(source).requires_grad_(False).eval()
         except (OSError, ValueError) as err:
             raise UserError(f"codec minilm: cannot load a text encoder from {source!r}: {err}") from err
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         self.dim = int(self.encoder.config.hidden_size)
         self._cache: dict[str, Tensor] = {}
 

@@ -199,9 +199,19 @@ def _file_overrides(tree: dict[str, Any], label: str) -> list[tuple[str, Any]]:
 
 @dataclass(frozen=True)
 class _Append:
-    """Items a file's ``append:`` adds to the end of a list of the merged tree."""
+    """Items a file's ``append:`` adds to the end of a list of the merged tree; ``start``, once applied: the index
+    of the first (the file set the items from there on, not those before)."""
 
     items: list[Any]
+    start: int | None = None
+
+
+def _sets(key: str, value: Any, target: str) -> bool:
+    """Whether an update of ``key`` (resolved) to ``value`` set ``target`` or a section above it."""
+    if isinstance(value, _Append) and value.start is not None:
+        index = target.removeprefix(key + ".").split(".")[0] if target.startswith(key + ".") else ""
+        return index.isdigit() and int(index) >= value.start
+    return target == key or target.startswith(key + ".")
 
 
 def _file_appends(tree: dict[str, Any], label: str) -> list[tuple[str, Any]]:
@@ -266,12 +276,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
         # Who set the key: the override that set it or a section above it (the last applied), else the layer
         # holding its deepest existing prefix (a wrong value names the file holding it; a missing or unknown key,
         # the file that wrote its section). An error about a whole section names that file and, as the other
-        # possible cause, the last override applied inside the section.
+        # possible cause, the last override (or append) applied inside the section.
         key = re.sub(r"\[(\d+)\]", r".\1", key)
-        setter = next((who for k, _, who in reversed(updates) if key and (key == k or key.startswith(k + "."))), None)
+        setter = next((who for k, value, who in reversed(updates) if key and _sets(k, value, key)), None)
         if setter is not None:
             return setter
-        inside = next(((k, who) for k, _, who in reversed(updates) if key and k.startswith(key + ".")), None)
+        inside = next(((k, who, v) for k, v, who in reversed(updates) if key and k.startswith(key + ".")), None)
         parts = key.split(".") if key else []
         owner = layers[-1][0]
         for depth in range(1, len(parts) + 1):
@@ -284,8 +294,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
             if not isinstance(holder[1], dict):  # lists and values replace, never merge
                 break
         if inside is not None and inside[1] != owner:
-            return f"{owner} (or the {inside[1]}'s {inside[0]})" if inside[1] == "command line" else \
-                f"{owner} (or {inside[1]}'s override {inside[0]})"
+            if inside[1] == "command line":
+                return f"{owner} (or the {inside[1]}'s {inside[0]})"
+            what = "append to" if isinstance(inside[2], _Append) else "override"
+            return f"{owner} (or {inside[1]}'s {what} {inside[0]})"
         return owner
 
     try:
@@ -301,6 +313,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:  #
             if isinstance(value, _Append):
                 if found < len(parts) or not isinstance(node, Sequence) or isinstance(node, str):
                     raise UserError(f"bad append {key}: the merged recipe has no list there")
+                updates[n] = (key, _Append(value.items, start=len(node)), who)  # the items it set
                 value = [*OmegaConf.to_container(node, resolve=False), *value.items]
             try:
                 OmegaConf.update(merged, key, value, merge=False, force_add=True)  # a mapping replaces the section

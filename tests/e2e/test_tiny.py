@@ -38,6 +38,24 @@ def _images(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     return (pixels + 1) / 2, torch.stack([it["attributes"] for it in items]), [it["caption"] for it in items]
 
 
+@pytest.mark.parametrize("shown", [True, False])
+def test_minilm_loads_without_a_progress_bar_and_leaves_the_setting_as_it_was(shown, capfd):
+    """The small bundled encoder loads at once: no transformers "Loading weights" bar each time a run (or each phase
+    `plan` measures) builds the codec, and transformers' own progress-bar setting is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    from lightning_distill.codecs.minilm import MiniLMCodec
+
+    (transformers_logging.enable_progress_bar if shown else transformers_logging.disable_progress_bar)()
+    try:
+        capfd.readouterr()
+        MiniLMCodec(MiniLMCodec.Config())
+        assert "Loading weights" not in capfd.readouterr().err
+        assert transformers_logging.is_progress_bar_enabled() == shown
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
 def test_minilm_embeds_paraphrases_close_and_empty_captions_as_zero(minilm):
     captions = ["a small red circle on the left", "there is a small red circle on the left of the picture",
                 "a large blue square at the top", ""]

@@ -121,6 +121,18 @@ def test_a_recipe_file_appends_items_to_its_bases_lists(tmp_path):
            [(p.index, p.start, p.end, p.options) for p in whole]  # the base's phases first, as they were
     assert [p.stage for p in extended[len(whole):]] == ["s4", "s2"] and extended[-1].options.teacher_steps == 4
     assert load_recipe(child, ["schedule.stages.s2.phases.0.steps=5"]).recipe.schedule.build().phases()[-1].steps == 5
+    # a mistake in an appended item is the appending file's; one in the base's items stays the base's
+    child.write_text(f"extends: {debug}\nappend:\n  schedule.stages:\n"
+                     "    - {name: s2, student_steps: 2, phases: [{kind: mse, steps: many, lr: 1.0e-5}]}\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(child))}: schedule.stages\[2\].phases\[0\].steps: expected"):
+        load_recipe(child)
+    base = tmp_path / "base.yaml"
+    base.write_text(debug.read_text().replace("{kind: adversarial, conditional: true, steps: 4,",
+                                              "{kind: adversarial, conditional: true, steps: many,"))
+    child.write_text(f"extends: base.yaml\nappend:\n  schedule.stages:\n"
+                     "    - {name: s2, student_steps: 2, phases: [{kind: mse, steps: 3, lr: 1.0e-5}]}\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(base))}: schedule.stages\[1\].phases\[0\].steps: expected"):
+        load_recipe(child)
     child.write_text(f"extends: {debug}\nappend: {{train.batch_size: [2]}}\n")
     with pytest.raises(RecipeError, match=rf"^{re.escape(str(child))}: append: bad append train.batch_size: "
                                           "the merged recipe has no list there"):

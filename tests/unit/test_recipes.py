@@ -129,7 +129,7 @@ def test_a_recipe_file_appends_items_to_its_bases_lists(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(debug.read_text().replace("{kind: adversarial, conditional: true, steps: 4,",
                                               "{kind: adversarial, conditional: true, steps: many,"))
-    child.write_text(f"extends: base.yaml\nappend:\n  schedule.stages:\n"
+    child.write_text("extends: base.yaml\nappend:\n  schedule.stages:\n"
                      "    - {name: s2, student_steps: 2, phases: [{kind: mse, steps: 3, lr: 1.0e-5}]}\n")
     with pytest.raises(RecipeError, match=rf"^{re.escape(str(base))}: schedule.stages\[1\].phases\[0\].steps: expected"):
         load_recipe(child)

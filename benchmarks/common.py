@@ -123,19 +123,32 @@ def student_rows(run: Path, seed: int) -> list[dict[str, object]]:
     return rows
 
 
+def summarise(rows: list[dict], metrics: tuple[str, ...]) -> list[dict[str, object]]:
+    """Mean ± sd (over seeds) of each metric, per (model, steps), in the order the rows first appear (a metric no row
+    of a group has is left out of its row)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["steps"]), []).append(r)
+    table = []
+    for (model, steps), group in groups.items():
+        row: dict[str, object] = {"model": model, "steps": steps, "seeds": len(group)}
+        for m in metrics:
+            values = [float(r[m]) for r in group if r.get(m) is not None]
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[m] = f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+        table.append(row)
+    return table
+
+
 def over_seeds(rows: list[dict[str, object]], per_seed: dict[str, str]) -> list[dict[str, object]]:
-    """One row per (model, steps): each metric as mean ± sd over the seeds, and the ``per_seed`` metrics listed
-    seed by seed in their formats (``{"fd": ".1f"}`` adds the column ``fd per seed``)."""
-    summary = []
-    for key in dict.fromkeys((r["model"], r["steps"]) for r in rows):
-        group = [r for r in rows if (r["model"], r["steps"]) == key]
-        row: dict[str, object] = {"model": key[0], "steps": key[1], "seeds": len(group)}
-        for m in PROBE_METRICS:
-            values = [float(r[m]) for r in group]  # type: ignore[arg-type]
-            row[m] = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+    """:func:`summarise` of the probes' metrics, with the ``per_seed`` metrics also listed seed by seed in their
+    formats (``{"fd": ".1f"}`` adds the column ``fd per seed``)."""
+    summary = summarise(rows, PROBE_METRICS)
+    for row in summary:
+        group = [r for r in rows if (r["model"], r["steps"]) == (row["model"], row["steps"])]
         for m, fmt in per_seed.items():
             row[f"{m} per seed"] = ", ".join(format(r[m], fmt) for r in group)
-        summary.append(row)
     return summary
 
 

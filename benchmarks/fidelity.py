@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from common import device_name, record, record_arguments, results_file
+from common import device_name, record, record_arguments, results_file, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny" / "ablations" / "from_mse.yaml"
@@ -29,23 +28,6 @@ METRICS = ("fd", "fd_patch", "fd_teacher", "fd_patch_teacher", "adherence", "div
            "coverage")
 INSTRUMENTS = ("d_accuracy_warmup", "d_accuracy_end", "d_pair_accuracy_warmup", "d_pair_accuracy_end", "d_loss_ratio_warmup",
                "d_loss_ratio_end", "d_accuracy_lowest_warmup", "d_accuracy_lowest_end", "student_teacher_gap")
-
-
-def summarise(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> list[dict[str, object]]:
-    """Mean ± sd (over seeds) of each metric, per (model, steps), in the order the rows first appear."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["steps"]), []).append(r)
-    table = []
-    for (model, steps), group in groups.items():
-        row: dict[str, object] = {"model": model, "steps": steps, "seeds": len(group)}
-        for m in metrics:
-            values = [float(r[m]) for r in group if r.get(m) is not None]
-            if values:
-                sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                row[m] = f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-        table.append(row)
-    return table
 
 
 def main() -> None:
@@ -77,7 +59,7 @@ def main() -> None:
     import torch
 
     record(f"Fidelity in miniature: both ladders of {recipe.name} over seeds {args.seeds} (mean ± sd)", command,
-           device_name(torch.device("cpu")), summarise(results), results_file(args))
+           device_name(torch.device("cpu")), summarise(results, METRICS), results_file(args))
     if discriminator:  # per adversarial phase: does the discriminator leave chance?
         by_phase = [{"model": r["phase"], "steps": "", **r} for r in discriminator]
         table = [{"phase": r["model"], "seeds": r["seeds"], **{k: r.get(k, "–") for k in INSTRUMENTS}}

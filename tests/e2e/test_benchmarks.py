@@ -84,7 +84,7 @@ def test_fidelity_benchmark_collects_every_row_over_seeds(tmp_path):
     assert per_seed[0] == per_seed[1] and ("lightning", 1) in per_seed[0] and ("mse", 1) in per_seed[0]
     import fidelity
 
-    table = {(r["model"], r["steps"]): r for r in fidelity.summarise(rows)}
+    table = {(r["model"], r["steps"]): r for r in fidelity.summarise(rows, fidelity.METRICS)}
     fd = [r["fd"] for r in rows if (r["model"], r["steps"]) == ("mse", 1)]
     mean, sd = table[("mse", 1)]["fd"].split(" ± ")
     assert abs(float(mean) - sum(fd) / 2) < 1e-3 and abs(float(sd) - abs(fd[0] - fd[1]) / 2**0.5) < 1e-3

@@ -56,11 +56,10 @@ class MiniLMCodec(Codec):
     def __init__(self, config: Config) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         self.config = config
         source = config.pretrained or str(bundled_minilm())
-        from transformers.utils import logging as transformers_logging
-
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # a small encoder loads at once: no bar each time a run builds it
         try:

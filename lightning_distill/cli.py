@@ -1,4 +1,4 @@
-"""``lightning-distill``: train, validate, plan, cache, export, sample, components.
+"""``lightning-distill``: train, validate, plan, cache, export, sample, report, components.
 
 Exit codes: 0 done, 2 user error (one clear message; ``--debug`` shows the traceback), 1 a diverged run (one
 message; the newest checkpoint holds the last finite weights) or an internal error.
@@ -24,6 +24,7 @@ EPILOG = """examples:
   lightning-distill validate recipes/debug.yaml schedule.stages.0.phases.0.steps=10
   lightning-distill export runs/sdxl --format lora --out exports/sdxl-lora
   lightning-distill sample runs/sdxl --prompt "a photo of a cat" --seed 0 --out cat.png
+  lightning-distill report runs/tiny "callbacks.report.models=[{model: cond, stage: l1-cond}]" --out runs/tiny-l1-cond
   lightning-distill plan recipes/sdxl_lightning/lora.yaml --gpu 4090
   lightning-distill components loss
 """
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--stage", help="run folders: stage or phase name (default: the last finished phase)")
     sample.add_argument("--base", help="exported models: base pipeline (default: the one it was distilled from)")
     sample.add_argument("--out", required=True, help="PNG file to write")
+    report = sub.add_parser("report", help="evaluate a run's finished students again, optionally with other report rows")
+    report.add_argument("run", help="run folder (the --out of train)")
+    report.add_argument("overrides", nargs="*", help="KEY=VALUE settings under callbacks, e.g. "
+                        "callbacks.report.models=[{model: cond, stage: l1-cond}]")
+    report.add_argument("--out", help="folder for report.md, metrics.json and samples/ (default: the run folder; "
+                        "required with overrides)")
     plan = sub.add_parser("plan", help="memory per device and FLOPs of every phase, before anything runs")
     plan.add_argument("recipe")
     plan.add_argument("overrides", nargs="*")
@@ -156,6 +163,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             images = sample_exported(model, args.prompt, args.steps, args.seed, args.size, args.base)
         save_grid(images, Path(args.out))
         print(f"wrote {len(images)} samples to {args.out}")
+        return 0
+    if args.command == "report":
+        from lightning_distill.eval.evaluate import report_run
+
+        report_run(Path(args.run), args.overrides, Path(args.out) if args.out else None)
         return 0
     loaded = load_recipe(args.recipe, args.overrides)
     if args.command == "cache":

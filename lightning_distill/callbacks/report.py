@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lightning_distill.eval.evaluate import EvalConfig, check_rows, evaluate_run
+from lightning_distill.eval.evaluate import EvalConfig, check_rows, evaluate_run, summary
 from lightning_distill.config.registry import CALLBACKS
 from lightning_distill.callbacks.base import Callback
 from lightning_distill.utils.files import write_atomically
@@ -131,10 +131,5 @@ class Report(Callback):
                 tree = evaluate_run(self.out_dir, recipe, self.config, fabric.device, writer)
             finally:
                 writer.close()
-            width = max(len(r["model"]) for r in tree["results"])
-            lines = [f"{r['model']:<{width}} {r['steps']:>3} steps  " + "  ".join(
-                f"{k} {v:.3f}" for k, v in r.items() if k not in ("model", "steps", "seconds")) for r in tree["results"]]
-            lines += [f"{r['phase']}: D accuracy {r['d_accuracy_warmup']} after warm-up, {r['d_accuracy_end']} at the end"
-                      for r in tree["discriminator"]]
-            print("evaluation (" + str(self.out_dir / "report.md") + "):\n  " + "\n  ".join(lines))
+            print(summary(tree, self.out_dir))
         fabric.barrier()

@@ -1,7 +1,8 @@
 """Evaluate a distillation run: sample the teacher and each stage's student on the same prompts and noise, score
 the samples with registered metrics, and write ``report.md``, ``metrics.json``, PNG grids and TensorBoard scalars.
 
-The ``report`` callback calls :func:`evaluate_run` when training ends; notebooks call it on a run folder.
+The ``report`` callback calls :func:`evaluate_run` when training ends; ``lightning-distill report`` calls
+:func:`report_run` on a finished run folder (again, or with other rows); notebooks call either.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def _chunks(n: int, size: int) -> list[slice]:
 @torch.no_grad()
 def evaluate_run(
     run_dir: Path, recipe: Recipe, config: EvalConfig, device: torch.device | str = "cpu", writer: Any = None,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Sample and score every row; write the report files into ``run_dir``; return the ``metrics.json`` tree."""
+    """Sample and score every row; write the report files into ``out_dir`` (default ``run_dir``); return the
+    ``metrics.json`` tree."""
     from torch.utils.data import default_collate
 
     from lightning_distill.codecs.base import null_conditioning, prompt_conditioning
@@ -118,6 +121,7 @@ def evaluate_run(
     from lightning_distill.inference.sample import save_grid
 
     run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
     run = RunFolder(run_dir, LoadedRecipe(recipe=recipe, resolved={}))
     method = run.method()
     device = torch.device(device)
@@ -201,7 +205,7 @@ def evaluate_run(
         results.append({"model": model, "steps": steps, "guidance": guidance, **scores, "seconds": round(seconds, 3)})
     real_scores = score(described_real, None)
 
-    grids = run_dir / "samples"
+    grids = out_dir / "samples"
 
     def zoom(images: Tensor) -> Tensor:
         return torch.nn.functional.interpolate(images[: config.grid], scale_factor=config.grid_zoom, mode="nearest")
@@ -218,8 +222,8 @@ def evaluate_run(
         "prompts": prompts[: config.grid],
         "teacher_guidance": config.teacher.guidance,
     }
-    write_atomically(run_dir / "metrics.json", json.dumps(tree, indent=2))
-    write_atomically(run_dir / "report.md", report(tree, [name for name, _ in metrics]))
+    write_atomically(out_dir / "metrics.json", json.dumps(tree, indent=2))
+    write_atomically(out_dir / "report.md", report(tree, [name for name, _ in metrics]))
     if writer is not None:
         for r in results:
             for name, _ in metrics:
@@ -228,6 +232,75 @@ def evaluate_run(
             writer.add_image(f"eval/{model}-{steps}step", image_grid(images[: config.grid]), 0)
         writer.flush()
     return tree
+
+
+def summary(tree: dict[str, Any], out_dir: Path) -> str:
+    """What the console shows of an evaluation: a line per row and per adversarial phase."""
+    width = max(len(r["model"]) for r in tree["results"])
+    lines = [f"{r['model']:<{width}} {r['steps']:>3} steps  " + "  ".join(
+        f"{k} {v:.3f}" for k, v in r.items() if k not in ("model", "steps", "seconds")) for r in tree["results"]]
+    lines += [f"{r['phase']}: D accuracy {r['d_accuracy_warmup']} after warm-up, {r['d_accuracy_end']} at the end"
+              for r in tree["discriminator"]]
+    return "evaluation (" + str(Path(out_dir) / "report.md") + "):\n  " + "\n  ".join(lines)
+
+
+def report_run(run_dir: Path, overrides: list[str] = (), out_dir: Path | None = None,  # type: ignore[assignment]
+               device: torch.device | str | None = None) -> dict[str, Any]:
+    """Evaluate a run's finished students again without training: ``lightning-distill report``.
+
+    ``overrides`` are ``KEY=VALUE`` settings of the run's recipe under ``callbacks`` (the report's rows, prompts,
+    metrics, teacher rows), e.g. ``callbacks.report.models=[{model: cond, stage: l1-cond}]``; anything else would
+    describe another training and is refused. Writes ``report.md``, ``metrics.json`` and ``samples/`` into
+    ``out_dir``, which is required with overrides (the run's own report stays the one its recipe describes) and
+    otherwise defaults to the run folder. Every row's stage or phase must have finished. Returns the
+    ``metrics.json`` tree.
+    """
+    from lightning_distill.config.recipe import load_recipe
+    from lightning_distill.run_folder import RunFolder
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no recipe.yaml)")
+    if overrides and out_dir is None:
+        raise UserError("report: with KEY=VALUE overrides, pass --out DIR (the run's own report.md stays the one its "
+                        "recipe.yaml describes)")
+    out_dir = Path(out_dir or run_dir)
+    loaded = load_recipe(saved, list(overrides))
+    trained = load_recipe(saved).resolved
+    changed = sorted(set(_leaves(loaded.resolved, skip="callbacks")) ^ set(_leaves(trained, skip="callbacks")))
+    if changed:
+        key = changed[0][0]
+        raise UserError(f"report: {key} is a setting of the training, not of the report; overrides here may change "
+                        f"only callbacks (e.g. callbacks.report.models=[...]). To evaluate another training, train it "
+                        f"with its own --out")
+    specs = [spec for spec in loaded.recipe.callbacks if spec.name == "report"]
+    if not specs:
+        raise UserError(f"{saved} has no report callback; add one with an override, e.g. "
+                        "'callbacks=[{name: report, models: [{model: student, stage: NAME}]}]'")
+    config = specs[-1].config
+    run = RunFolder(run_dir, loaded)
+    for row in config.models:
+        last = [p for p in run.phases if row.stage in (p.stage, p.name)][-1]
+        if not run.artifact_path(last).is_file():
+            raise UserError(f"report: {row.stage!r} (row {row.model!r}) has not finished in {run_dir}: its phase "
+                            f"{last.name} has no result in phases/. Finish the run (train it again with the same "
+                            "command), or name a finished phase")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tree = evaluate_run(run_dir, loaded.recipe, config, device, out_dir=out_dir)
+    print(summary(tree, out_dir))
+    return tree
+
+
+def _leaves(tree: Any, prefix: str = "", skip: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every leaf of a resolved recipe, but those under the top-level key ``skip``."""
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() if not (not prefix and k == skip)
+                for leaf in _leaves(v, f"{prefix}{k}.", skip)]
+    if isinstance(tree, list):
+        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{prefix}{i}.", skip)] or [(prefix[:-1], "[]")]
+    return [(prefix[:-1], repr(tree))]
 
 
 def report(tree: dict[str, Any], names: list[str]) -> str:

@@ -14,7 +14,7 @@ from lightning_distill.config.recipe import load_recipe
 from lightning_distill.eval.metrics import Adherence, coverage, frechet_distance
 from lightning_distill.worlds.shapes.features import ShapesFeatures
 from lightning_distill.worlds.shapes.world import Shapes
-from support import ROOT
+from support import ROOT, tree_snapshot
 
 TINY = ROOT / "recipes" / "tiny"
 
@@ -320,6 +320,47 @@ def test_main_job_short_run_writes_every_report_file(tmp_path, cli):
     from PIL import Image
 
     assert Image.open(grid).size == (2 * 33 + 1, 34)  # two 32-pixel images in one row, 1-pixel padding
+    # the report again without training, with other rows (a phase's student) into another folder: the row it
+    # shares with the run's report scores the same, the run folder is untouched
+    before, again = tree_snapshot(out), tmp_path / "again"
+    done = cli("report", str(out), "callbacks.report.models=[{model: lightning, stage: l1}, {model: cond, stage: l1-cond}]",
+               "callbacks.report.teacher.unguided=false", "--out", str(again))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cond        1 steps" in done.stdout
+    rerun = json.loads((again / "metrics.json").read_text())
+    assert [(r["model"], r["steps"]) for r in rerun["results"]] == [("teacher", 4), ("lightning", 1), ("cond", 1)]
+    first = next(r for r in rows if (r["model"], r["steps"]) == ("lightning", 1))
+    assert {k: v for k, v in rerun["results"][1].items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+    assert rerun["results"][2]["fd"] != first["fd"]  # another student
+    assert rerun["discriminator"] == tree["discriminator"] and (again / "samples" / "cond-1step.png").is_file()
+    assert tree_snapshot(out) == before
+
+
+def test_report_refuses_what_would_misdescribe_the_run_before_writing(tmp_path, cli):
+    """``report`` changes only the report: a training setting, overrides without --out, a row whose stage has not
+    finished and a recipe with no report are refused with exit 2, naming the cause, and nothing is written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    resolved = cli("validate", str(TINY / "lightning.yaml"))
+    assert resolved.returncode == 0, resolved.stderr[-3000:]
+    (run / "recipe.yaml").write_text(resolved.stdout)
+    (run / "phases").mkdir()
+    other = tmp_path / "other"
+    cases = [
+        (["seed=3", "--out", str(other)], "seed is a setting of the training"),
+        (["schedule.stages.0.phases.0.steps=5", "--out", str(other)], "schedule.stages.0.phases.0.steps is a setting of the training"),
+        (["callbacks.report.samples=8"], "pass --out DIR"),
+        ([], "'s8' (row 'mse') has not finished"),
+        (["callbacks=[{name: tensorboard}]", "--out", str(other)], "has no report callback"),
+        (["callbacks.report.models=[{model: x, stage: nowhere}]", "--out", str(other)], "'nowhere' is not in the schedule"),
+    ]
+    before = tree_snapshot(run)
+    for args, message in cases:
+        done = cli("report", str(run), *args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-2000:])
+    assert tree_snapshot(run) == before and not other.exists()
+    done = cli("report", str(tmp_path / "nothing"))
+    assert done.returncode == 2 and "is not a run folder (no recipe.yaml)" in done.stderr
 
 
 @pytest.mark.parametrize("x0_at_one_step", [False, True])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,7 +33,6 @@ def test_a_diverging_run_stops_with_exit_1_and_keeps_its_last_finite_checkpoints
     assert not (out / "phases" / "00-s8-mse.safetensors").exists()
 
 
-@pytest.mark.slow  # about 25 s on 2 cores; the diverging-run test covers a NaN stop in the default run
 def test_a_nan_step_stops_the_run_and_the_rerun_ends_as_if_nothing_happened(cli, tmp_path):
     whole, faulty = tmp_path / "whole", tmp_path / "faulty"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *NAN).returncode == 0
@@ -47,7 +45,6 @@ def test_a_nan_step_stops_the_run_and_the_rerun_ends_as_if_nothing_happened(cli,
     assert_same_weights(final_weights(whole), final_weights(faulty))
 
 
-@pytest.mark.slow  # about 20 s on 2 cores: the default run keeps room under 15 minutes
 def test_skipping_nonfinite_steps_counts_them_and_stops_past_the_cap(cli, tmp_path):
     skip = ["train.on_nonfinite=skip", "train.max_skipped_steps=1"]
     once = cli("train", str(DEBUG_RECIPE), "--out", str(tmp_path / "once"), *NAN, *skip, env={"LD_NAN_AT_CALL": "3"})
@@ -66,7 +63,6 @@ def _cut(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.slow  # about 26 s; the damaged-phase-result and no-intact-checkpoint tests stay in the default run
 def test_a_damaged_newest_checkpoint_is_passed_over_for_the_previous_intact_one(cli, tmp_path):
     whole, damaged = tmp_path / "whole", tmp_path / "damaged"
     assert cli("train", str(DEBUG_RECIPE), "--out", str(whole), *KILLABLE).returncode == 0
@@ -95,7 +91,6 @@ def test_no_intact_checkpoint_exits_2_naming_the_folder(cli, tmp_path):
         p: b for p, b in before.items() if "tensorboard" not in p.parts}  # nothing deleted or changed
 
 
-@pytest.mark.slow  # about 20 s on 2 cores: the default run keeps room under 15 minutes
 def test_a_damaged_phase_result_is_trained_again_from_a_checkpoint_before_it(cli, tmp_path):
     keep = ["train.checkpoint_every=1", "train.keep_last=20"]
     whole, damaged = tmp_path / "whole", tmp_path / "damaged"

@@ -63,7 +63,6 @@ def test_sigkill_and_rerun_ends_bit_identical_to_an_uninterrupted_run(cli, tmp_p
     assert_same_weights(final_weights(whole), final_weights(killed))
 
 
-@pytest.mark.slow  # about 32 s on 2 cores: the default run keeps room under 15 minutes
 def test_a_phase_of_its_own_data_stream_does_not_depend_on_the_phases_before_it(cli, tmp_path):
     """``train.data_stream: phase``: with the first phase held still (lr 0), its length changes nothing in the
     phase after it; with one stream through the run (the default) it changes that phase's batches, so its result."""
@@ -81,7 +80,6 @@ def test_a_phase_of_its_own_data_stream_does_not_depend_on_the_phases_before_it(
     assert any(not torch.equal(run2[k], run3[k]) for k in run2)
 
 
-@pytest.mark.slow
 def test_a_phase_of_its_own_data_stream_resumes_its_stream(cli, tmp_path):
     """Killed twice (inside the conditional phase before its step-8 checkpoint, then after it), rerun: the same
     weights as the uninterrupted run, with per-phase streams; a resume with the other setting is refused."""

@@ -345,7 +345,6 @@ def test_a_full_runs_comfyui_file_carries_every_weight_the_run_changed(flux_run,
         assert torch.allclose(rebuilt[k], trained[k].float(), atol=1e-5), k
 
 
-@pytest.mark.slow  # about 26 s; the SDXL recipe test stays in the default run
 def test_sd15_recipe_trains_and_exports_to_the_sd_pipeline(tiny_sd15, images, tmp_path_factory, tmp_path):
     from lightning_distill.inference.sample import sample_exported, sample_run
 
@@ -412,7 +411,6 @@ def test_diffusion_method_trains_a_flow_transformer_the_sd3_teacher_loads(tmp_pa
         assert torch.allclose(teacher.denoiser(x, t, cond), model.denoiser.half().float()(x, t, cond), atol=1e-3)
 
 
-@pytest.mark.slow  # about 42 s; the sd3 diffusion-method test stays in the default run
 def test_diffusion_method_continues_from_an_exported_teacher(tmp_path):
     """``method.init``: training starts from an exported folder's network (how a teacher is trained further); with
     lr 0 the run's model is the folder's; a folder of another configuration is refused before training, by name."""
@@ -437,7 +435,7 @@ def test_diffusion_method_continues_from_an_exported_teacher(tmp_path):
     assert not (tmp_path / "wrong" / "checkpoints").exists() or not any((tmp_path / "wrong" / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("family", [pytest.param("sd15", marks=pytest.mark.slow), "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
 def test_cache_stores_what_the_familys_network_takes(family, tiny_sd15, tiny_sd3, images, tmp_path):
     """``cache`` with the family's codec: latents and exactly the conditioning the codec gives (SD1.5: text only;
     SD3: text and pooled), and training reads the cache."""

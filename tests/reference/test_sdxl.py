@@ -169,7 +169,7 @@ def test_lora_follows_the_lcm_lora_rule_and_merges_like_peft(teacher):
     assert changed >= len(targets)
 
 
-@pytest.mark.parametrize("variant", ["full", pytest.param("lora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["full", "lora"])
 def test_sdxl_recipe_runs_every_phase_kind_through_the_cli(cli, tiny_sdxl, tmp_path, variant):
     from lightning_distill.config.recipe import load_recipe
 

@@ -96,8 +96,8 @@ def _cli_process(args: list[str], env: dict[str, str], out: str, err: str) -> No
     try:
         runpy.run_module("lightning_distill", run_name="__main__", alter_sys=True)
         code = 0
-    except SystemExit as exit:
-        code = exit.code
+    except SystemExit as stop:
+        code = stop.code
     except BaseException:  # noqa: BLE001 - as the interpreter does: the traceback, then exit 1
         traceback.print_exc()
         code = 1

@@ -256,19 +256,21 @@ def report_run(run_dir: Path, overrides: list[str] = (), out_dir: Path | None = 
     ``metrics.json`` tree.
     """
     from lightning_distill.config.recipe import load_recipe
+    from lightning_distill.inference.sample import _device
     from lightning_distill.run_folder import RunFolder
 
-    run_dir = Path(run_dir)
-    saved = run_dir / "recipe.yaml"
-    if not saved.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no recipe.yaml)")
+    run = RunFolder(Path(run_dir))  # as trained; refuses a folder without recipe.yaml
+    saved = run.path / "recipe.yaml"
     if overrides and out_dir is None:
         raise UserError("report: with KEY=VALUE overrides, pass --out DIR (the run's own report.md stays the one its "
                         "recipe.yaml describes)")
-    out_dir = Path(out_dir or run_dir)
-    loaded = load_recipe(saved, list(overrides))
-    trained = load_recipe(saved).resolved
-    changed = sorted(set(_leaves(loaded.resolved, skip="callbacks")) ^ set(_leaves(trained, skip="callbacks")))
+    out_dir = Path(out_dir or run.path)
+    loaded = load_recipe(saved, list(overrides)) if overrides else run.loaded
+
+    def training(resolved: dict[str, Any]) -> set[tuple[str, str]]:
+        return set(_leaves({k: v for k, v in resolved.items() if k != "callbacks"}))
+
+    changed = sorted(training(loaded.resolved) ^ training(run.loaded.resolved))
     if changed:
         key = changed[0][0]
         raise UserError(f"report: {key} is a setting of the training, not of the report; overrides here may change "
@@ -279,27 +281,24 @@ def report_run(run_dir: Path, overrides: list[str] = (), out_dir: Path | None = 
         raise UserError(f"{saved} has no report callback; add one with an override, e.g. "
                         "'callbacks=[{name: report, models: [{model: student, stage: NAME}]}]'")
     config = specs[-1].config
-    run = RunFolder(run_dir, loaded)
-    for row in config.models:
+    for row in config.models:  # the schedule is the run's: overrides change only callbacks
         last = [p for p in run.phases if row.stage in (p.stage, p.name)][-1]
         if not run.artifact_path(last).is_file():
-            raise UserError(f"report: {row.stage!r} (row {row.model!r}) has not finished in {run_dir}: its phase "
+            raise UserError(f"report: {row.stage!r} (row {row.model!r}) has not finished in {run.path}: its phase "
                             f"{last.name} has no result in phases/. Finish the run (train it again with the same "
                             "command), or name a finished phase")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree = evaluate_run(run_dir, loaded.recipe, config, device, out_dir=out_dir)
+    tree = evaluate_run(run.path, loaded.recipe, config, device or _device(), out_dir=out_dir)
     print(summary(tree, out_dir))
     return tree
 
 
-def _leaves(tree: Any, prefix: str = "", skip: str = "") -> list[tuple[str, str]]:
-    """(dotted key, value) of every leaf of a resolved recipe, but those under the top-level key ``skip``."""
+def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every leaf of a resolved recipe (an empty list is a leaf)."""
     if isinstance(tree, dict):
-        return [leaf for k, v in tree.items() if not (not prefix and k == skip)
-                for leaf in _leaves(v, f"{prefix}{k}.", skip)]
+        return [leaf for k, v in tree.items() for leaf in _leaves(v, f"{prefix}{k}.")]
     if isinstance(tree, list):
-        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{prefix}{i}.", skip)] or [(prefix[:-1], "[]")]
+        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{prefix}{i}.")] or [(prefix[:-1], "[]")]
     return [(prefix[:-1], repr(tree))]
 
 
